@@ -1,0 +1,39 @@
+"""Exception hierarchy for everything a user or a peer can cause.
+
+Owns: the typed errors raised across the package. Imports nothing from kvrelay.
+Internal invariants use `assert`; anything caused by input raises one of these.
+"""
+
+from __future__ import annotations
+
+
+class KvRelayError(Exception):
+    """Base class of every error kvrelay raises on purpose."""
+
+
+class InvalidRequestError(KvRelayError, ValueError):
+    """A request (prompt or parameters) that cannot be served as given."""
+
+
+class InvalidSamplingParamsError(InvalidRequestError):
+    """A sampling parameter outside its valid range."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt plus the requested output does not fit the model's context."""
+
+
+class ModelLoadError(KvRelayError):
+    """A model path, file or checkpoint that cannot be loaded."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model path or name does not exist."""
+
+
+class CorruptModelError(ModelLoadError):
+    """The model file exists but is truncated, malformed or unsupported."""
+
+
+class OutOfKVMemoryError(KvRelayError):
+    """A single request needs more KV blocks than the whole cache holds."""

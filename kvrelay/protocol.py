@@ -1,0 +1,104 @@
+"""Wire types: everything that crosses a process or API boundary, as msgspec Structs.
+
+Owns: sampling parameters, request outputs and their timing metrics. Imports only
+`errors` from kvrelay (layer L0). KV event types live in `kv/events.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from kvrelay.errors import InvalidSamplingParamsError
+
+MAX_SEED = 2**63 - 1
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick output tokens and when to stop.
+
+    temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters.
+    A seed makes sampling reproducible per request, independent of batching.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidSamplingParamsError naming the field and its valid range."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidSamplingParamsError(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidSamplingParamsError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidSamplingParamsError(
+                f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}"
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidSamplingParamsError(
+                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"
+            )
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidSamplingParamsError(
+                f"seed must be in [0, 2**63 - 1] or None, got {self.seed!r}"
+            )
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidSamplingParamsError(
+                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestMetrics(msgspec.Struct, kw_only=True):
+    """Per-request timings in seconds, measured by the engine.
+
+    queue_s: arrival until first scheduled. prefill_s: first scheduled until the
+    first output token. decode_s: first output token until finished.
+    """
+
+    arrival_time: float
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    num_preemptions: int = 0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.queue_s + self.prefill_s
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    """One request's result so far (streamed) or in full (finished).
+
+    num_cached_tokens counts prompt tokens served from the prefix cache on the
+    request's first scheduling (tokens, not blocks).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
