@@ -114,7 +114,11 @@ class LLM:
                     if out.request_id not in pending:
                         continue
                     if decoders:
-                        out.text = decoders[out.request_id].add(out.output_token_ids)
+                        dec = decoders[out.request_id]
+                        dec.update(out.output_token_ids)
+                        if out.finished:
+                            dec.flush()
+                        out.text = dec.text
                     if out.finished:
                         pending.discard(out.request_id)
                     yield out
