@@ -49,7 +49,14 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         from kvrelay.bench.engine import main as engine_main
 
         return engine_main(rest)
-    raise SystemExit(f"unknown bench kind {args.bench_kind!r}")
+    from kvrelay.bench import cli as bench_cli
+
+    entry = {
+        "run": bench_cli.run_main,
+        "analyze": bench_cli.analyze_main,
+        "compare": bench_cli.compare_main,
+    }[args.bench_kind]
+    return entry(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("-v", "--verbose", action="store_true", help="print token counts, timings")
 
-    bench = sub.add_parser("bench", help="benchmarks (`kvrelay bench engine --help`)")
-    bench.add_argument("bench_kind", choices=["engine"])
+    bench = sub.add_parser(
+        "bench", help="benchmarks: `kvrelay bench {run,analyze,compare,engine} --help`",
+        add_help=False,
+    )
+    bench.add_argument("bench_kind", choices=["run", "analyze", "compare", "engine"])
     return parser
 
 
