@@ -22,8 +22,11 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     printed = 0
     last = None
@@ -59,6 +62,21 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     return entry(rest)
 
 
+SERVICES = {
+    "serve": ("kvrelay.launch", "serve_main"),
+    "frontend": ("kvrelay.frontend.main", "frontend_main"),
+    "worker": ("kvrelay.worker.main", "worker_main"),
+}
+
+
+def _service(command: str, rest: list[str]) -> int:
+    import importlib
+
+    module, func = SERVICES[command]
+    entry = getattr(importlib.import_module(module), func)
+    return int(entry(rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvrelay", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -78,8 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=None)
     gen.add_argument("-v", "--verbose", action="store_true", help="print token counts, timings")
 
+    for name, help_text in (
+        ("serve", "serve a model: frontend + N supervised workers (`kvrelay serve --help`)"),
+        ("frontend", "run the OpenAI-compatible frontend alone (`kvrelay frontend --help`)"),
+        ("worker", "run one engine worker process (`kvrelay worker --help`)"),
+    ):
+        sub.add_parser(name, help=help_text, add_help=False)
+
     bench = sub.add_parser(
-        "bench", help="benchmarks: `kvrelay bench {run,analyze,compare,engine} --help`",
+        "bench",
+        help="benchmarks: `kvrelay bench {run,analyze,compare,engine} --help`",
         add_help=False,
     )
     bench.add_argument("bench_kind", choices=["run", "analyze", "compare", "engine"])
@@ -93,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args, rest)
+        if args.command in SERVICES:
+            return _service(args.command, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _generate(args)

@@ -37,3 +37,19 @@ class CorruptModelError(ModelLoadError):
 
 class OutOfKVMemoryError(KvRelayError):
     """A single request needs more KV blocks than the whole cache holds."""
+
+
+class TransportError(KvRelayError):
+    """The runtime could not deliver a message or lost a peer."""
+
+
+class PeerUnavailableError(TransportError):
+    """The peer is unreachable, closed the connection or stopped answering mid-stream."""
+
+
+class RemoteError(TransportError):
+    """The peer's handler failed; the message says why."""
+
+
+class ServiceUnavailableError(KvRelayError):
+    """No worker can take the request now (none registered, all saturated or draining)."""

@@ -102,3 +102,88 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+# -- serving: frontend <-> worker over the runtime ------------------------------------------
+
+ROLE_AGGREGATED = "aggregated"
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Frontend -> worker: generate for already-tokenized prompt ids."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    model: str = ""
+    cache_salt: str | None = None
+
+
+class WireError(msgspec.Struct, frozen=True, kw_only=True):
+    """A request failed on the worker. kind: "invalid_request" | "prompt_too_long" |
+    "invalid_sampling" | "draining" | "internal"."""
+
+    kind: str
+    message: str
+
+
+class GenerateChunk(msgspec.Struct, kw_only=True):
+    """Worker -> frontend: the tokens a request produced since the previous chunk.
+
+    num_output_tokens is cumulative; the last chunk has finished=True and the metrics.
+    A chunk with `error` set ends the stream.
+    """
+
+    request_id: str
+    new_token_ids: list[int] = msgspec.field(default_factory=list)
+    num_output_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    metrics: RequestMetrics | None = None
+    worker_id: str = ""
+    error: WireError | None = None
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker registers in discovery. instance_id changes on every (re)start."""
+
+    worker_id: str
+    instance_id: str
+    model: str
+    role: str = ROLE_AGGREGATED
+    block_size: int
+    num_kv_blocks: int
+    max_model_len: int
+    address: str  # request-plane address, meaningful to the runtime backend
+    pid: int = 0
+    started_at: float = 0.0
+
+
+class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's load and prefix-cache counters (token-weighted, since start)."""
+
+    worker_id: str
+    instance_id: str
+    ts: float
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_blocks: int
+    kv_usage: float
+    num_prefix_query_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    num_preempted: int = 0
+    num_inflight: int = 0  # requests the worker is streaming (accepted, not finished)
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    """What a frontend needs to serve a model it does not have on disk: tokenizer files
+    (name -> bytes), context length and stop tokens."""
+
+    model: str
+    max_model_len: int
+    block_size: int
+    eos_token_ids: list[int] = msgspec.field(default_factory=list)
+    tokenizer_files: dict[str, bytes] = msgspec.field(default_factory=dict)

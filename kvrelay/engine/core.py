@@ -66,7 +66,10 @@ class EngineCore:
         self.eos_token_ids = self._eos_token_ids()
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len %d",
-            self.model.name, num_blocks, block_size, self.max_model_len,
+            self.model.name,
+            num_blocks,
+            block_size,
+            self.max_model_len,
         )
 
     def _set_threads(self) -> None:
@@ -112,7 +115,9 @@ class EngineCore:
         vocab = self.model.arch.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            )
         sampling.validate()
         limit = min(self.max_model_len, self.kv.pool.num_blocks * self.kv.block_size)
         if len(prompt) + sampling.max_tokens > limit:

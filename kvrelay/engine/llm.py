@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from kvrelay.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
 from kvrelay.engine.core import EngineCore
@@ -130,9 +131,9 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    items = list(prompts)
+    items: list[Any] = list(prompts)
     if not items:
         raise InvalidRequestError("no prompts given")
     if all(isinstance(t, int) for t in items):
         return [items]  # a single prompt of token ids
-    return items  # type: ignore[return-value]
+    return items

@@ -3,10 +3,16 @@
 Shape follows vLLM's KV-event schema (BlockStored / BlockRemoved / AllBlocksCleared in a
 batch) so a vLLM worker can feed the same router; each batch carries a per-engine
 monotonic `event_id` so a consumer detects a gap and asks for a full dump.
+
+A full dump is an ordinary, self-contained batch: `AllBlocksCleared` first, then one
+`BlockStored` per cached run (see `full_dump_batch`). Its `event_id` is the id of the last
+batch the engine emitted before taking it (-1 if none), so live batches resume at id + 1.
 Pure msgspec types; must not import torch or anything above layer L1.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import msgspec
 
@@ -51,3 +57,19 @@ def encode_batch(batch: KVEventBatch) -> bytes:
 
 def decode_batch(data: bytes) -> KVEventBatch:
     return msgspec.msgpack.decode(data, type=KVEventBatch)
+
+
+def full_dump_batch(last_event_id: int, ts: float, stored: Sequence[BlockStored]) -> KVEventBatch:
+    """An engine's whole cached set as one batch a consumer can apply over any state.
+
+    `last_event_id` is the id of the last batch emitted before the dump was taken (-1 if
+    none); `stored` lists every cached block (in runs; token_ids may be empty in a dump
+    since consumers only need hashes and tiers).
+    """
+    return KVEventBatch(event_id=last_event_id, ts=ts, events=[AllBlocksCleared(), *stored])
+
+
+def clears_all(batch: KVEventBatch) -> bool:
+    """True when the batch drops every cached block (a full dump or a prefix-cache reset), so
+    the state after it does not depend on any earlier batch."""
+    return any(isinstance(ev, AllBlocksCleared) for ev in batch.events)

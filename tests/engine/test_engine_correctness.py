@@ -43,7 +43,9 @@ def make_engine(path: Path, num_blocks: int = 512, budget: int = 64) -> EngineCo
     return EngineCore(config)
 
 
-def run_all(engine: EngineCore, prompts: list[list[int]], max_tokens: list[int]) -> list[RequestOutput]:
+def run_all(
+    engine: EngineCore, prompts: list[list[int]], max_tokens: list[int]
+) -> list[RequestOutput]:
     ids = []
     for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)):
         rid = f"req-{len(engine.scheduler.requests)}-{i}-{random.random()}"
@@ -79,7 +81,7 @@ def test_mixed_batch_with_chunked_prefill_and_prefix_hits(tiny: Path) -> None:
     check(reference, prompts, outs)
     # Round two: shared prefixes with round one (and an exact repeat) must hit the cache.
     rng = random.Random(2)
-    second = [p[: max(1, len(p) - rng.randrange(1, 10))] + [rng.randrange(vocab)] for p in prompts]
+    second = [[*p[: max(1, len(p) - rng.randrange(1, 10))], rng.randrange(vocab)] for p in prompts]
     second += [prompts[-1]]
     outs2 = run_all(engine, second, [7] * len(second))
     check(reference, second, outs2)

@@ -1,0 +1,169 @@
+"""`kvrelay frontend`: the OpenAI HTTP server over a runtime, and the coroutine `kvrelay
+serve` runs in-process.
+
+Owns: `frontend_main(argv)`, `serve_http` (uvicorn on a socket we bind ourselves, so port 0
+works and the real URL is known; signals are handled by the caller, not uvicorn) and
+`run_frontend`. Imports the frontend app, the worker pool and the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable, Generator, Sequence
+
+import uvicorn
+
+from kvrelay.errors import KvRelayError
+from kvrelay.frontend.app import FrontendConfig, create_app
+from kvrelay.frontend.workers import WorkerPool
+from kvrelay.runtime import make_runtime
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 30
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the owner sets `should_exit`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (and on the ones
+    # accept() derives from them); without it Nagle + delayed ACKs add ~40 ms per response.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise KvRelayError(f"cannot listen on {host}:{port}: {exc}") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_http(
+    pool: WorkerPool,
+    config: FrontendConfig,
+    stop: asyncio.Event,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the app until `stop` is set, then finish in-flight requests (graceful)."""
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    app = create_app(pool, config)
+    uv_config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = _Server(uv_config)
+
+    async def watch() -> None:
+        while not server.started and not server.should_exit:
+            await asyncio.sleep(0.02)
+        if server.started and on_listening is not None:
+            on_listening(url)
+        await stop.wait()
+        server.should_exit = True
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        watcher.cancel()
+        sock.close()
+
+
+async def run_frontend(
+    runtime_url: str,
+    config: FrontendConfig,
+    stop: asyncio.Event,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    runtime = make_runtime(runtime_url, name="frontend")
+    await runtime.start()
+    pool = WorkerPool(runtime, max_inflight_per_worker=config.max_inflight_per_worker)
+    await pool.start()
+    try:
+        await serve_http(pool, config, stop, on_listening)
+    finally:
+        await pool.close()
+        await runtime.close()
+
+
+def add_http_flags(p: argparse.ArgumentParser, default_port: int = 8000) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=default_port)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument(
+        "--max-inflight-per-worker",
+        type=int,
+        default=64,
+        help="requests per worker before answering 503 + Retry-After",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens allowed")
+
+
+def frontend_config(args: argparse.Namespace) -> FrontendConfig:
+    return FrontendConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_inflight_per_worker=args.max_inflight_per_worker,
+        max_tokens=args.max_tokens,
+    )
+
+
+def frontend_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `kvrelay frontend`; returns the exit code."""
+    p = argparse.ArgumentParser(prog="kvrelay frontend", description="OpenAI-compatible API.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--nats", metavar="URL", help="NATS server, e.g. nats://127.0.0.1:4222")
+    where.add_argument("--hub", metavar="URL", help="embedded hub URL")
+    add_http_flags(p)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s [frontend] %(name)s: %(message)s",
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_frontend(
+            args.nats or args.hub,
+            frontend_config(args),
+            stop,
+            lambda url: print(f"kvrelay frontend listening on {url}", flush=True),
+        )
+
+    try:
+        asyncio.run(main())
+    except KvRelayError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(frontend_main())

@@ -1,0 +1,66 @@
+"""Every metric name kvrelay exports, one comment each, prefix `kvrelay_`.
+
+Owns: the names and the label names. Labels come only from the fixed set below. Counters
+are token- or request-weighted totals (take ratios over rates, never export a ratio gauge
+of counters). Imports nothing.
+"""
+
+from __future__ import annotations
+
+# Label names (the only ones allowed).
+LABEL_MODEL = "model"
+LABEL_WORKER = "worker"
+LABEL_ROLE = "role"
+LABEL_WORKLOAD = "workload"
+
+# -- frontend: requests -----------------------------------------------------------------------
+# Generation requests received (completions + chat), before validation.
+REQUESTS_TOTAL = "kvrelay_requests_total"
+# Requests that ended with a 4xx (other than 503) or a failed stream.
+REQUESTS_FAILED_TOTAL = "kvrelay_requests_failed_total"
+# Requests answered 503 because no worker could take them (none live, all saturated).
+REQUESTS_REJECTED_TOTAL = "kvrelay_requests_rejected_total"
+# Requests whose client went away before the end; their KV blocks were freed.
+REQUESTS_CANCELLED_TOTAL = "kvrelay_requests_cancelled_total"
+# Requests being served by the frontend right now.
+REQUESTS_INFLIGHT = "kvrelay_requests_inflight"
+
+# -- frontend: tokens (per serving worker) ----------------------------------------------------
+# Prompt tokens of served requests (F0 of the hit-rate ledger).
+PROMPT_TOKENS_TOTAL = "kvrelay_prompt_tokens_total"
+# Prompt tokens the engine served from its prefix cache (F4, realized hits).
+CACHED_PROMPT_TOKENS_TOTAL = "kvrelay_cached_prompt_tokens_total"
+# Output tokens generated.
+GENERATION_TOKENS_TOTAL = "kvrelay_generation_tokens_total"
+
+# -- frontend: latency ------------------------------------------------------------------------
+# Arrival at the frontend until the first output token reached it.
+TIME_TO_FIRST_TOKEN_SECONDS = "kvrelay_time_to_first_token_seconds"
+# Arrival at the frontend until the last token (or error) left it.
+REQUEST_LATENCY_SECONDS = "kvrelay_request_latency_seconds"
+# Engine-measured: arrival on the worker until first scheduled.
+QUEUE_TIME_SECONDS = "kvrelay_queue_time_seconds"
+# Engine-measured: first scheduled until the first output token.
+PREFILL_TIME_SECONDS = "kvrelay_prefill_time_seconds"
+# Engine-measured: first output token until finished.
+DECODE_TIME_SECONDS = "kvrelay_decode_time_seconds"
+
+# -- workers, from their load reports ---------------------------------------------------------
+# Workers live in discovery.
+WORKERS = "kvrelay_workers"
+# Requests in the worker's running batch.
+WORKER_RUNNING_REQUESTS = "kvrelay_worker_running_requests"
+# Requests waiting in the worker's queue.
+WORKER_WAITING_REQUESTS = "kvrelay_worker_waiting_requests"
+# KV blocks the worker's cache holds in total.
+WORKER_KV_BLOCKS = "kvrelay_worker_kv_blocks"
+# KV blocks free (including evictable cached blocks).
+WORKER_KV_FREE_BLOCKS = "kvrelay_worker_kv_free_blocks"
+# Fraction of KV blocks in use by running requests (a usage level, not a ratio of counters).
+WORKER_KV_USAGE = "kvrelay_worker_kv_usage"
+# Prompt tokens the worker looked up in its prefix cache, since it started.
+WORKER_PREFIX_QUERY_TOKENS_TOTAL = "kvrelay_worker_prefix_query_tokens_total"
+# Prompt tokens the worker found in its prefix cache, since it started.
+WORKER_PREFIX_HIT_TOKENS_TOTAL = "kvrelay_worker_prefix_hit_tokens_total"
+# Requests the worker preempted (recomputed later) for lack of KV memory.
+WORKER_PREEMPTIONS_TOTAL = "kvrelay_worker_preemptions_total"

@@ -1,0 +1,138 @@
+"""`kvrelay worker`: load one engine and serve it through a runtime until stopped.
+
+Owns: `worker_main(argv)` (flags -> EngineConfig -> WorkerService) and the process's signal
+handling (SIGTERM / SIGINT drain and exit; losing the runtime exits too, so workers never
+outlive an embedded `kvrelay serve`). Imports the engine core, the runtime and the worker
+service; must not import the frontend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvrelay.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
+from kvrelay.errors import KvRelayError
+from kvrelay.protocol import ROLE_AGGREGATED
+from kvrelay.runtime import make_runtime
+from kvrelay.worker.engine_loop import EngineLike
+from kvrelay.worker.service import WorkerIdentity, WorkerService
+
+logger = logging.getLogger(__name__)
+
+ROLES = (ROLE_AGGREGATED,)  # prefill / decode arrive with disaggregation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvrelay worker", description="Serve one model replica.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--nats", metavar="URL", help="NATS server, e.g. nats://127.0.0.1:4222")
+    where.add_argument("--hub", metavar="URL", help="embedded hub (set by `kvrelay serve`)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf file or HF dir")
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: model's)")
+    p.add_argument("--role", default=ROLE_AGGREGATED, choices=ROLES)
+    p.add_argument("--worker-id", default=None, help="stable id (default: worker-<pid>)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        num_threads=args.threads,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_kv_blocks,
+            kv_cache_bytes=args.kv_cache_bytes,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
+        ),
+    )
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `kvrelay worker`; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{args.worker_id or 'worker'}] %(name)s: %(message)s",
+    )
+    from kvrelay.engine.core import EngineCore  # torch: only in processes that run a model
+
+    try:
+        engine = EngineCore(engine_config(args))
+    except KvRelayError as exc:
+        logger.error("cannot start the engine: %s", exc)
+        return 2
+    identity = WorkerIdentity(
+        worker_id=args.worker_id or f"worker-{os.getpid()}",
+        model=args.served_model_name or engine.model.name,
+        role=args.role,
+        block_size=engine.kv.block_size,
+        num_kv_blocks=engine.kv.pool.num_blocks,
+    )
+    url = args.nats or args.hub
+    try:
+        asyncio.run(
+            _serve(
+                url, engine, identity, engine.model.tokenizer, args.drain_timeout, args.parent_pid
+            )
+        )
+    except KvRelayError as exc:
+        logger.error("worker stopped: %s", exc)
+        return 1
+    return 0
+
+
+async def _serve(
+    url: str,
+    engine: EngineLike,
+    identity: WorkerIdentity,
+    tokenizer: Any,
+    drain_s: float,
+    parent_pid: int | None,
+) -> None:
+    runtime = make_runtime(url, name=identity.worker_id)
+    await runtime.start()
+    service = WorkerService(runtime, engine, identity, tokenizer)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    await service.start()
+    watcher = asyncio.create_task(_watch_parent(parent_pid, service)) if parent_pid else None
+    await service.run_until_stopped(drain_s)
+    if watcher is not None:
+        watcher.cancel()
+
+
+async def _watch_parent(parent_pid: int, service: WorkerService) -> None:
+    """Stop when the supervisor is gone (we get re-parented), so workers never linger."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    logger.warning("parent process %d is gone; stopping", parent_pid)
+    service.request_stop()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
