@@ -66,6 +66,7 @@ SERVICES = {
     "serve": ("kvrelay.launch", "serve_main"),
     "frontend": ("kvrelay.frontend.main", "frontend_main"),
     "worker": ("kvrelay.worker.main", "worker_main"),
+    "doctor": ("kvrelay.observe.doctor", "doctor_main"),
 }
 
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "serve a model: frontend + N supervised workers (`kvrelay serve --help`)"),
         ("frontend", "run the OpenAI-compatible frontend alone (`kvrelay frontend --help`)"),
         ("worker", "run one engine worker process (`kvrelay worker --help`)"),
+        ("doctor", "check KV routing and the hit-rate ledger of a server (`--url URL`)"),
     ):
         sub.add_parser(name, help=help_text, add_help=False)
 

@@ -53,3 +53,15 @@ class RemoteError(TransportError):
 
 class ServiceUnavailableError(KvRelayError):
     """No worker can take the request now (none registered, all saturated or draining)."""
+
+
+class TransferError(KvRelayError):
+    """A KV block transfer failed: its blocks must not be imported (recompute them instead)."""
+
+
+class CorruptTransferError(TransferError):
+    """A transferred run is truncated, mislabelled, or fails its length or checksum check."""
+
+
+class TransferTimeoutError(TransferError):
+    """The peer of a KV transfer stopped sending (or receiving) for longer than the timeout."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from kvrelay.config import DEFAULT_MODEL
 from kvrelay.errors import KvRelayError
-from kvrelay.frontend.main import add_http_flags, frontend_config, serve_http
+from kvrelay.frontend.main import add_http_flags, frontend_config, router_config, serve_http
 from kvrelay.frontend.workers import WorkerPool
 from kvrelay.runtime import make_runtime
 from kvrelay.runtime.embedded import EmbeddedHub
@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="workers publish no KV events (the kv router goes blind; for tests and doctor)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -165,6 +170,8 @@ def worker_command(args: argparse.Namespace, runtime_url: str) -> Callable[[str]
             value = getattr(args, name)
             if value is not None:
                 cmd += [f"--{name.replace('_', '-')}", str(value)]
+        if args.no_kv_events:
+            cmd.append("--no-kv-events")
         return cmd
 
     return command
@@ -180,7 +187,9 @@ async def _serve(args: argparse.Namespace) -> None:
     supervisor = WorkerSupervisor(worker_command(args, url), args.workers)
     runtime = make_runtime(url, name="frontend")
     await runtime.start()
-    pool = WorkerPool(runtime, max_inflight_per_worker=args.max_inflight_per_worker)
+    pool = WorkerPool(
+        runtime, max_inflight_per_worker=args.max_inflight_per_worker, router=router_config(args)
+    )
     try:
         await pool.start()
         await supervisor.start()

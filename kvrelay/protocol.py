@@ -159,6 +159,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     address: str  # request-plane address, meaningful to the runtime backend
     pid: int = 0
     started_at: float = 0.0
+    kv_events: bool = True  # False: publishes no KV events (`--no-kv-events`), serves no dumps
 
 
 class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,6 +177,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     num_prefix_hit_tokens: int = 0
     num_preempted: int = 0
     num_inflight: int = 0  # requests the worker is streaming (accepted, not finished)
+    last_kv_event_id: int = -1  # id of the last KV event batch its engine emitted (-1: none)
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,7 +2,8 @@
 
 Owns: `FakeEngine` — the methods the worker's engine loop calls, a block-granular prefix
 cache (so cached-token counts behave like the real engine's), KV events, aborts, optional
-per-step delay and an injectable step failure. Output token k of a request is
+per-step delay and an injectable step failure. Blocks are named with the real chained block
+hash (`kv.hashing`), so a KV-aware router predicts its hits exactly. Output token k of a request is
 `expected_tokens(prompt, k)`, so tests can predict the text.
 """
 
@@ -14,7 +15,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from kvrelay.errors import InvalidRequestError, PromptTooLongError
-from kvrelay.kv.events import BlockRemoved, BlockStored, KVEvent, KVEventBatch
+from kvrelay.kv.events import BlockRemoved, BlockStored, KVEvent, KVEventBatch, full_dump_batch
+from kvrelay.kv.hashing import hash_blocks
 from kvrelay.protocol import RequestMetrics, RequestOutput, SamplingParams
 
 FIRST_ID = 3  # 0..2 are <pad>, <s>, </s> in the tiny tokenizer
@@ -54,11 +56,11 @@ class FakeEngine:
         self.fail_next_step = False
         self.running: dict[str, _Req] = {}
         self.aborted: list[str] = []
-        self.cached_prefixes: set[tuple[int, ...]] = set()
+        self.cached: dict[int, None] = {}  # block hashes, in the order they were cached
         self.query_tokens = 0
         self.hit_tokens = 0
         self._events: list[KVEvent] = []
-        self._event_id = 0
+        self._next_event_id = 0
 
     # -- the EngineCore surface ---------------------------------------------------------------
     def add_request(
@@ -92,11 +94,12 @@ class FakeEngine:
 
     def _lookup(self, prompt: list[int]) -> int:
         bs = self.block_size
+        hashes = hash_blocks(prompt[: (len(prompt) - 1) // bs * bs], bs)
         hits = 0
-        for n in range(1, (len(prompt) - 1) // bs + 1):
-            if tuple(prompt[: n * bs]) not in self.cached_prefixes:
+        for h in hashes:
+            if h not in self.cached:
                 break
-            hits = n
+            hits += 1
         return hits * bs
 
     def step(self) -> list[RequestOutput]:
@@ -123,14 +126,14 @@ class FakeEngine:
 
     def _store_prefix(self, prompt: list[int]) -> None:
         bs = self.block_size
-        hashes = []
-        for n in range(1, len(prompt) // bs + 1):
-            key = tuple(prompt[: n * bs])
-            if key not in self.cached_prefixes:
-                self.cached_prefixes.add(key)
-                hashes.append(hash(key) & 0xFFFFFFFF)
-        if hashes:
-            self._events.append(BlockStored(hashes, None, prompt[: len(hashes) * bs], bs))
+        hashes = hash_blocks(prompt, bs)
+        new = [h for h in hashes if h not in self.cached]
+        self.cached.update(dict.fromkeys(new))
+        if new:
+            first = hashes.index(new[0])
+            parent = hashes[first - 1] if first else None
+            tokens = prompt[first * bs : (first + len(new)) * bs]
+            self._events.append(BlockStored(new, parent, tokens, bs))
 
     def _output(self, req: _Req, reason: str | None) -> RequestOutput:
         return RequestOutput(
@@ -162,12 +165,18 @@ class FakeEngine:
         if not self._events:
             return None
         events, self._events = self._events, []
-        self._event_id += 1
-        return KVEventBatch(self._event_id, time.time(), events)
+        self._next_event_id += 1
+        return KVEventBatch(self._next_event_id - 1, time.time(), events)
 
-    def clear_cache(self) -> None:
-        self._events.append(BlockRemoved([hash(k) & 0xFFFFFFFF for k in self.cached_prefixes]))
-        self.cached_prefixes.clear()
+    def kv_dump(self) -> KVEventBatch:
+        stored = [BlockStored(list(self.cached), None, [], self.block_size)] if self.cached else []
+        return full_dump_batch(self._next_event_id - 1, time.time(), stored)
+
+    def clear_cache(self, emit: bool = True) -> None:
+        """Drop every cached block; `emit=False` drops it silently (a lost event)."""
+        if emit:
+            self._events.append(BlockRemoved(list(self.cached)))
+        self.cached.clear()
 
     def stats(self) -> Any:
         used = sum(r.blocks for r in self.running.values())

@@ -18,7 +18,10 @@ from kvrelay.kv.events import (
     BlockStored,
     KVEvent,
     KVEventBatch,
+    full_dump_batch,
 )
+
+DUMP_RUN_BLOCKS = 4096  # hashes per BlockStored in a full dump (bounds one event's size)
 
 
 @dataclass(eq=False, slots=True)
@@ -159,6 +162,34 @@ class BlockPool:
         self._next_event_id += 1
         self._events = []
         return batch
+
+    @property
+    def last_event_id(self) -> int:
+        """Id of the last batch `take_events` returned (-1 before the first)."""
+        return self._next_event_id - 1
+
+    def cached_runs(self, max_run: int = DUMP_RUN_BLOCKS) -> list[BlockStored]:
+        """Every cached block as `BlockStored` runs of at most `max_run` hashes, in the order
+        they were cached. A dump names blocks only: no parent, no token ids (a consumer
+        needs hashes and tiers; chained hashes already encode each block's prefix)."""
+        assert max_run > 0
+        hashes = list(self._cached)
+        return [
+            BlockStored(
+                block_hashes=hashes[i : i + max_run],
+                parent_block_hash=None,
+                token_ids=[],
+                block_size=self.block_size,
+            )
+            for i in range(0, len(hashes), max_run)
+        ]
+
+    def dump_events(self, ts: float, max_run: int = DUMP_RUN_BLOCKS) -> KVEventBatch:
+        """The whole cached set as one self-contained batch (`kv.events.full_dump_batch`)
+        whose event id is the last one emitted. Events not yet taken are already reflected
+        in it; they still go out later under newer ids, and applying them again over the
+        dump is harmless (each hash ends in the state its last event says)."""
+        return full_dump_batch(self.last_event_id, ts, self.cached_runs(max_run))
 
     # -- invariants ------------------------------------------------------------------------
     def check_integrity(self) -> None:

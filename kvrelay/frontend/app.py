@@ -2,7 +2,7 @@
 introspection; authentication, the body-size bound and OpenAI-style error bodies.
 
 Owns: `FrontendConfig` and `create_app(pool, config)`. The only package that imports the
-web framework (FastAPI / Starlette). Imports frontend modules and observe.
+web framework (FastAPI / Starlette). Imports frontend modules, router and observe.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvrelay.errors import KvRelayError
 from kvrelay.frontend.errors import ApiError, from_exception
-from kvrelay.frontend.handlers import Limits, OpenAIHandlers, model_list
+from kvrelay.frontend.handlers import Limits, OpenAIHandlers, RouteOptions, model_list
 from kvrelay.frontend.responses import Result
 from kvrelay.frontend.workers import WorkerPool
-from kvrelay.observe.prometheus import CONTENT_TYPE, ServingMetrics
+from kvrelay.observe.prometheus import CONTENT_TYPE, RouterWorkerSample, ServingMetrics
+from kvrelay.observe.request_log import RequestLog
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ class FrontendConfig:
     max_inflight_per_worker: int = 64  # past this on every worker: 503 + Retry-After
     max_tokens: int = 4096
     default_chat_max_tokens: int = 1024
+    request_log: str | None = None  # JSONL file: one ledger row + timings per choice
+
+
+WORKLOAD_HEADER = "x-kvrelay-workload"
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -75,17 +80,39 @@ def to_response(result: Result) -> Response:
     return json_response(result.body)
 
 
+def serving_metrics(pool: WorkerPool) -> ServingMetrics:
+    """Metrics wired to the pool's load reports and its router's ledger and event stats."""
+    router = pool.router
+
+    def router_samples() -> list[RouterWorkerSample]:
+        return [
+            RouterWorkerSample(model, worker, s.num_event_batches, s.num_dumps_requested, n)
+            for model, worker, s, n in router.event_stats()
+        ]
+
+    return ServingMetrics(pool.loads, router.metric_samples, router_samples)
+
+
 def create_app(
-    pool: WorkerPool, config: FrontendConfig, metrics: ServingMetrics | None = None
+    pool: WorkerPool,
+    config: FrontendConfig,
+    metrics: ServingMetrics | None = None,
+    request_log: RequestLog | None = None,
 ) -> FastAPI:
-    metrics = metrics if metrics is not None else ServingMetrics(pool.loads)
+    """The app; `request_log` (else one opened at `config.request_log`) is the caller's to
+    close."""
+    metrics = metrics if metrics is not None else serving_metrics(pool)
+    if request_log is None and config.request_log:
+        request_log = RequestLog(config.request_log)
     app = FastAPI(title="kvrelay", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
     app.state.metrics = metrics
+    app.state.request_log = request_log
     _install_error_handlers(app)
     _add_ops_routes(app, pool, metrics)
     limits = Limits(config.max_tokens, config.default_chat_max_tokens)
-    _add_api_routes(app, pool, OpenAIHandlers(pool, metrics, limits), config)
+    handlers = OpenAIHandlers(pool, metrics, limits, request_log)
+    _add_api_routes(app, pool, handlers, config)
     return app
 
 
@@ -135,13 +162,15 @@ def _add_api_routes(
     async def completions(request: Request) -> Response:
         check_api_key(request, config.api_key)
         body = await read_body(request, config.max_body_bytes)
-        return to_response(await handlers.completions(body, request.is_disconnected))
+        route = RouteOptions(request.headers.get(WORKLOAD_HEADER))
+        return to_response(await handlers.completions(body, request.is_disconnected, route))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_api_key(request, config.api_key)
         body = await read_body(request, config.max_body_bytes)
-        return to_response(await handlers.chat(body, request.is_disconnected))
+        route = RouteOptions(request.headers.get(WORKLOAD_HEADER))
+        return to_response(await handlers.chat(body, request.is_disconnected, route))
 
     @app.get("/kvrelay/workers")
     async def workers(request: Request) -> Response:
@@ -152,10 +181,11 @@ def _add_api_routes(
                 **msgspec.to_builtins(w),
                 "load": loads.get(w.worker_id),
                 "inflight": pool.inflight.get(w.worker_id, 0),
+                "router": pool.router.worker_view(w.worker_id),
             }
             for w in pool.workers()
         ]
-        return json_response({"workers": data})
+        return json_response({"workers": data, "router": pool.router.summary()})
 
     @app.get("/kvrelay/workers/{worker_id}/stats")
     async def worker_stats(worker_id: str, request: Request) -> Response:

@@ -1,7 +1,8 @@
 """Turning worker token streams into OpenAI choices: detokenization, stop strings, usage.
 
 Owns: `ChoiceSpec` (one choice to generate), `ChoiceState` (what it produced: text, finish
-reason, token counts, worker, engine timings), `StopChecker`, `run_choice` (one choice as a
+reason, token counts, worker, engine timings, inter-token gaps, its hit-rate ledger row),
+`StopChecker`, `run_choice` (one choice as a
 stream of `Delta`s) and `merge` (several choices as one stream, cancelling them all when the
 consumer leaves). Imports protocol, the tokenizer and `frontend.workers`; no HTTP.
 """
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from kvrelay.engine.models.tokenizer import IncrementalDecoder, Tokenizer
 from kvrelay.frontend.errors import from_wire
 from kvrelay.frontend.workers import WorkerPool
+from kvrelay.observe.ledger import LedgerRow
 from kvrelay.protocol import GenerateChunk, GenerateRequest, RequestMetrics, SamplingParams
+from kvrelay.router.service import RouteTicket
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class ChoiceState:
     worker_id: str = ""
     metrics: RequestMetrics | None = None
     first_token_s: float | None = None  # frontend-measured, from the request's arrival
+    last_token_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)  # per output token after the first
+    ledger: LedgerRow | None = None
 
 
 @dataclass(frozen=True)
@@ -89,12 +95,15 @@ async def run_choice(
     stops: Sequence[str],
     state: ChoiceState,
     arrival: float,
+    ticket: RouteTicket | None = None,
 ) -> AsyncGenerator[Delta, None]:
     """Generate one choice; ends after the Delta carrying its finish reason. Leaving early
-    (or a stop string) closes the worker stream, which aborts the request there."""
+    (or a stop string) closes the worker stream, which aborts the request there. The
+    choice's ledger row is on `state.ledger` once the stream is closed."""
     decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
     checker = StopChecker(stops)
-    stream = pool.generate(request)
+    ticket = ticket if ticket is not None else pool.ticket(request)
+    stream = pool.generate(request, ticket)
     try:
         async for chunk in stream:
             if chunk.error is not None:
@@ -109,6 +118,8 @@ async def run_choice(
                 text += "" if stopped else checker.flush()
                 state.text.append(text)
                 state.finish_reason = finish
+                await stream.aclose()  # closes the ticket before the consumer sees the end
+                state.ledger = ticket.row
                 yield Delta(state.index, text, finish)
                 return
             if text:
@@ -116,11 +127,20 @@ async def run_choice(
                 yield Delta(state.index, text)
     finally:
         await stream.aclose()
+        state.ledger = ticket.row
 
 
 def _record(state: ChoiceState, chunk: GenerateChunk, arrival: float) -> None:
+    now = time.monotonic() - arrival
+    num_new = len(chunk.new_token_ids)
+    if num_new and state.last_token_s is not None:
+        state.itl_s.extend([(now - state.last_token_s) / num_new] * num_new)
+    elif num_new > 1:  # the first chunk carried several tokens: they arrived together
+        state.itl_s.extend([0.0] * (num_new - 1))
+    if num_new:
+        state.last_token_s = now
     if state.first_token_s is None and chunk.num_output_tokens:
-        state.first_token_s = time.monotonic() - arrival
+        state.first_token_s = now
     state.num_output_tokens = chunk.num_output_tokens
     state.num_cached_tokens = chunk.num_cached_tokens
     state.worker_id = chunk.worker_id

@@ -1,9 +1,11 @@
 """The OpenAI endpoints' logic, independent of the web framework's routing.
 
 Owns: `OpenAIHandlers` — from a parsed request to prompts (tokenized, chat-templated),
-choices (n x prompts), limits (context length, max_tokens, capacity -> 503), and then either
-a full JSON body or an SSE byte stream; plus request metrics. Client disconnects cancel the
-choices (so workers free their KV blocks). Imports frontend modules, protocol, observe.
+choices (n x prompts), limits (context length, max_tokens, capacity -> 503), routing options
+(the `kvrelay.router` policy override, the `x-kvrelay-workload` label), and then either a
+full JSON body or an SSE byte stream; plus request metrics, ledger metrics and the JSONL
+request log. Client disconnects cancel the choices (so workers free their KV blocks).
+Imports frontend modules, router (policy names), protocol, observe.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from kvrelay.frontend.errors import ApiError, from_exception
 from kvrelay.frontend.generation import ChoiceSpec, ChoiceState, merge, run_choice
 from kvrelay.frontend.workers import ModelState, WorkerPool
 from kvrelay.observe.prometheus import ServingMetrics
+from kvrelay.observe.request_log import RequestLog, log_record
 from kvrelay.protocol import MAX_SEED, GenerateRequest, SamplingParams
+from kvrelay.router.policy import RouterPolicy, parse_policy
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +53,34 @@ class Job:
     stream: bool
     include_usage: bool
     arrival: float
+    workload: str = "default"  # the bounded `workload` label
+    policy: RouterPolicy | None = None  # per-request router override
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """Routing inputs that come from outside the body (headers)."""
+
+    workload: str | None = None  # x-kvrelay-workload
 
 
 class OpenAIHandlers:
-    def __init__(self, pool: WorkerPool, metrics: ServingMetrics, limits: Limits) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        metrics: ServingMetrics,
+        limits: Limits,
+        request_log: RequestLog | None = None,
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.limits = limits
+        self.request_log = request_log
 
     # -- entry points ----------------------------------------------------------------------
-    async def completions(self, body: bytes, disconnected: IsDisconnected) -> rs.Result:
+    async def completions(
+        self, body: bytes, disconnected: IsDisconnected, route: RouteOptions | None = None
+    ) -> rs.Result:
         arrival = time.monotonic()
         req = ot.decode_request(body, ot.CompletionRequest)
         ot.check_completion(req)
@@ -66,9 +88,11 @@ class OpenAIHandlers:
         state = await self.pool.model_state(req.model)
         prompts = self._completion_prompts(req.prompt, state)
         job = self._job(req, state, prompts, req.max_tokens or 16, chat=False, arrival=arrival)
-        return await self._run(job, disconnected)
+        return await self._run(self._routed(job, req, route), disconnected)
 
-    async def chat(self, body: bytes, disconnected: IsDisconnected) -> rs.Result:
+    async def chat(
+        self, body: bytes, disconnected: IsDisconnected, route: RouteOptions | None = None
+    ) -> rs.Result:
         arrival = time.monotonic()
         req = ot.decode_request(body, ot.ChatCompletionRequest)
         ot.check_chat(req)
@@ -89,7 +113,18 @@ class OpenAIHandlers:
             room = state.card.max_model_len - len(prompt)
             max_tokens = max(1, min(room, self.limits.default_chat_max_tokens))
         job = self._job(req, state, [prompt], max_tokens, chat=True, arrival=arrival)
-        return await self._run(job, disconnected)
+        return await self._run(self._routed(job, req, route), disconnected)
+
+    def _routed(self, job: Job, req: ot.SamplingFields, route: RouteOptions | None) -> Job:
+        """Attach the workload label and the per-request router policy (400 if unknown)."""
+        job.workload = self.pool.router.workloads.label(route.workload if route else None)
+        name = req.kvrelay.router if req.kvrelay is not None else None
+        if name is not None:
+            try:
+                job.policy = parse_policy(name)
+            except InvalidRequestError as exc:
+                raise ApiError(400, str(exc), code="invalid_value", param="kvrelay.router") from exc
+        return job
 
     # -- building a job --------------------------------------------------------------------
     def _completion_prompts(self, prompt: Any, state: ModelState) -> list[list[int]]:
@@ -226,12 +261,21 @@ class OpenAIHandlers:
 
     def _streams(self, job: Job) -> list[AsyncGenerator[Any, None]]:
         tok = job.state.tokenizer
-        return [
-            run_choice(
-                self.pool, self._generate_request(job, spec), tok, job.stops, state, job.arrival
+        streams = []
+        for spec, state in zip(job.specs, job.states, strict=True):
+            request = self._generate_request(job, spec)
+            ticket = self.pool.router.ticket(
+                request.request_id,
+                request.model,
+                request.prompt_token_ids,
+                workload=job.workload,
+                policy=job.policy,
+                cache_salt=request.cache_salt,
             )
-            for spec, state in zip(job.specs, job.states, strict=True)
-        ]
+            streams.append(
+                run_choice(self.pool, request, tok, job.stops, state, job.arrival, ticket)
+            )
+        return streams
 
     def _generate_request(self, job: Job, spec: ChoiceSpec) -> GenerateRequest:
         return GenerateRequest(
@@ -280,8 +324,9 @@ class OpenAIHandlers:
             self._finish(job, outcome)
 
     def _finish(self, job: Job, outcome: str) -> None:
-        model = job.meta.model
-        self.metrics.on_done(model, outcome, time.monotonic() - job.arrival)
+        model, workload = job.meta.model, job.workload
+        latency_s = time.monotonic() - job.arrival
+        self.metrics.on_done(model, outcome, latency_s)
         for s in job.states:
             if not s.worker_id:
                 continue
@@ -289,10 +334,33 @@ class OpenAIHandlers:
                 model, s.worker_id, s.num_prompt_tokens, s.num_cached_tokens, s.num_output_tokens
             )
             if s.first_token_s is not None:
-                self.metrics.on_first_token(model, s.first_token_s)
+                self.metrics.on_first_token(model, workload, s.first_token_s)
+            self.metrics.on_inter_token(model, workload, s.itl_s)
             if s.metrics is not None and s.finish_reason is not None:
                 m = s.metrics
                 self.metrics.on_engine_times(model, m.queue_s, m.prefill_s, m.decode_s)
+            if s.ledger is not None:
+                self.metrics.on_ledger_row(s.ledger)
+                self._log(job, s, outcome, latency_s)
+
+    def _log(self, job: Job, s: ChoiceState, outcome: str, latency_s: float) -> None:
+        if self.request_log is None or s.ledger is None:
+            return
+        record = log_record(
+            s.ledger,
+            ts=time.time(),
+            response_id=job.meta.request_id,
+            choice=s.index,
+            outcome=outcome,
+            finish_reason=s.finish_reason,
+            num_output_tokens=s.num_output_tokens,
+            ttft_ms=None if s.first_token_s is None else round(s.first_token_s * 1000, 3),
+            latency_ms=round(latency_s * 1000, 3),
+        )
+        try:
+            self.request_log.write(record)
+        except OSError as exc:
+            logger.warning("cannot write the request log %s: %s", self.request_log.path, exc)
 
 
 def model_list(pool: WorkerPool, models: Sequence[str]) -> dict[str, Any]:

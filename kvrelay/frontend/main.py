@@ -22,6 +22,9 @@ import uvicorn
 from kvrelay.errors import KvRelayError
 from kvrelay.frontend.app import FrontendConfig, create_app
 from kvrelay.frontend.workers import WorkerPool
+from kvrelay.observe.request_log import RequestLog
+from kvrelay.router.policy import PolicyConfig, RouterPolicy
+from kvrelay.router.service import RouterConfig
 from kvrelay.runtime import make_runtime
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,8 @@ async def serve_http(
     sock = bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
-    app = create_app(pool, config)
+    request_log = RequestLog(config.request_log) if config.request_log else None
+    app = create_app(pool, config, request_log=request_log)
     uv_config = uvicorn.Config(
         app,
         log_level="warning",
@@ -87,6 +91,8 @@ async def serve_http(
     finally:
         watcher.cancel()
         sock.close()
+        if request_log is not None:
+            request_log.close()
 
 
 async def run_frontend(
@@ -94,10 +100,13 @@ async def run_frontend(
     config: FrontendConfig,
     stop: asyncio.Event,
     on_listening: Callable[[str], None] | None = None,
+    router: RouterConfig | None = None,
 ) -> None:
     runtime = make_runtime(runtime_url, name="frontend")
     await runtime.start()
-    pool = WorkerPool(runtime, max_inflight_per_worker=config.max_inflight_per_worker)
+    pool = WorkerPool(
+        runtime, max_inflight_per_worker=config.max_inflight_per_worker, router=router
+    )
     await pool.start()
     try:
         await serve_http(pool, config, stop, on_listening)
@@ -118,6 +127,52 @@ def add_http_flags(p: argparse.ArgumentParser, default_port: int = 8000) -> None
     )
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens allowed")
+    p.add_argument(
+        "--request-log",
+        metavar="PATH",
+        default=None,
+        help="append one JSON line per served choice (its hit-rate ledger row and timings)",
+    )
+    add_router_flags(p)
+
+
+def add_router_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--router",
+        default=RouterPolicy.KV.value,
+        choices=[policy.value for policy in RouterPolicy],
+        help="worker choice (default kv; a request can override it with "
+        '"kvrelay": {"router": NAME})',
+    )
+    p.add_argument(
+        "--router-overlap-weight",
+        type=float,
+        default=1.0,
+        help="kv cost weight of prefill blocks against decode blocks (default 1.0)",
+    )
+    p.add_argument(
+        "--router-temperature",
+        type=float,
+        default=0.0,
+        help="kv: 0 picks the cheapest worker; > 0 samples a softmax over costs",
+    )
+    p.add_argument(
+        "--router-block-size",
+        type=int,
+        default=None,
+        help="block size the router hashes prompts with (default: the workers'); workers "
+        "with another block size are refused, loudly",
+    )
+    p.add_argument("--router-seed", type=int, default=None, help="seed of random choices")
+
+
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    policy = PolicyConfig(
+        policy=RouterPolicy(args.router),
+        overlap_weight=args.router_overlap_weight,
+        temperature=args.router_temperature,
+    )
+    return RouterConfig(policy=policy, block_size=args.router_block_size, seed=args.router_seed)
 
 
 def frontend_config(args: argparse.Namespace) -> FrontendConfig:
@@ -128,6 +183,7 @@ def frontend_config(args: argparse.Namespace) -> FrontendConfig:
         max_body_bytes=args.max_body_bytes,
         max_inflight_per_worker=args.max_inflight_per_worker,
         max_tokens=args.max_tokens,
+        request_log=args.request_log,
     )
 
 
@@ -155,6 +211,7 @@ def frontend_main(argv: Sequence[str] | None = None) -> int:
             frontend_config(args),
             stop,
             lambda url: print(f"kvrelay frontend listening on {url}", flush=True),
+            router_config(args),
         )
 
     try:

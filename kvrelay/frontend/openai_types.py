@@ -23,6 +23,12 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class KvRelayOptions(msgspec.Struct, kw_only=True):
+    """The request's `kvrelay` extension object: per-request router policy override."""
+
+    router: str | None = None  # kv | round_robin | random | least_loaded
+
+
 class SamplingFields(msgspec.Struct, kw_only=True):
     """Fields both endpoints share. None means "the default"."""
 
@@ -40,6 +46,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension (vLLM): generate exactly max_tokens
+    kvrelay: KvRelayOptions | None = None  # extension: {"router": "round_robin"}
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

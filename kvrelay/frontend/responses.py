@@ -2,7 +2,8 @@
 the `kvrelay` extension object.
 
 Owns: pure functions from `ChoiceState`s to JSON-ready dicts and the SSE line format.
-`usage.prompt_tokens_details.cached_tokens` is always present. Imports frontend.generation.
+`usage.prompt_tokens_details.cached_tokens` is always present; the extension carries each
+choice's hit-rate ledger row (`observe.ledger.LedgerRow`). Imports frontend.generation.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def _ms(value: float | None) -> float | None:
 
 
 def kvrelay_extension(request_id: str, states: Sequence[ChoiceState]) -> dict[str, Any]:
-    """Which workers served the request, engine timings and cached tokens, per choice and
-    overall (times: the slowest choice)."""
+    """Which workers served the request, engine timings, cached tokens and the ledger row,
+    per choice and overall (times: the slowest choice; `ledger`: the first choice's row)."""
     choices = []
     for s in sorted(states, key=lambda s: s.index):
         m = s.metrics
@@ -96,6 +97,7 @@ def kvrelay_extension(request_id: str, states: Sequence[ChoiceState]) -> dict[st
                 "prefill_ms": _ms(m.prefill_s if m else None),
                 "decode_ms": _ms(m.decode_s if m else None),
                 "ttft_ms": _ms(s.first_token_s),
+                "ledger": None if s.ledger is None else msgspec.to_builtins(s.ledger),
             }
         )
 
@@ -111,6 +113,7 @@ def kvrelay_extension(request_id: str, states: Sequence[ChoiceState]) -> dict[st
         "prefill_ms": slowest("prefill_ms"),
         "decode_ms": slowest("decode_ms"),
         "ttft_ms": slowest("ttft_ms"),
+        "ledger": choices[0]["ledger"] if choices else None,
         "choices": choices,
     }
 

@@ -3,8 +3,10 @@
 Owns: `WorkerPool` — the live workers (via `DiscoveryWatcher`), their latest load reports,
 the frontend's own in-flight count per worker (the saturation check), each model's card and
 tokenizer (fetched from a worker, so a frontend needs no model files), and `generate`, which
-picks a worker (`routing.choose_worker`), streams its chunks, and retries on another worker
-when the first one fails before producing anything. Imports runtime, protocol, the tokenizer
+has the KV-aware router (`router.service.RouterService`) pick a worker among those with room,
+streams its chunks, tells the router about the first token and the realized cache hits (the
+ledger row lands on the request's `RouteTicket`), and retries on another worker when the
+first one fails before producing anything. Imports runtime, router, protocol, the tokenizer
 and frontend helpers; must not import the engine core or the worker.
 """
 
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import msgspec
 from kvrelay.engine.models.tokenizer import Tokenizer
 from kvrelay.errors import PeerUnavailableError, RemoteError, ServiceUnavailableError
 from kvrelay.frontend.errors import ApiError
-from kvrelay.frontend.routing import choose_worker
 from kvrelay.protocol import GenerateChunk, GenerateRequest, LoadReport, ModelCard, WorkerInfo
+from kvrelay.router.service import RouterConfig, RouterService, RouteTicket
 from kvrelay.runtime.base import (
     DEFAULT_IDLE_TIMEOUT_S,
     ENDPOINT_GENERATE,
@@ -39,7 +41,8 @@ from kvrelay.runtime.discovery import DEFAULT_TTL_S, DiscoveryWatcher
 
 logger = logging.getLogger(__name__)
 
-Chooser = Callable[[Sequence[WorkerInfo], Mapping[str, int], Sequence[int]], WorkerInfo]
+Chooser = Callable[[Sequence[WorkerInfo], Mapping[str, int], Sequence[int]], WorkerInfo | None]
+"""A test hook: force a worker (the router still records the decision), or None."""
 _chunk_decoder = msgspec.msgpack.Decoder(GenerateChunk)
 _load_decoder = msgspec.msgpack.Decoder(LoadReport)
 
@@ -69,7 +72,8 @@ class WorkerPool:
         ttl_s: float = DEFAULT_TTL_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         max_retries: int = 2,
-        chooser: Chooser = choose_worker,
+        router: RouterConfig | None = None,
+        chooser: Chooser | None = None,
     ) -> None:
         self.runtime = runtime
         self.max_inflight_per_worker = max_inflight_per_worker
@@ -78,6 +82,7 @@ class WorkerPool:
         self.chooser = chooser
         self.watcher = DiscoveryWatcher(runtime, ttl_s)
         self.watcher.add_listener(self._on_worker_change)
+        self.router = RouterService(runtime, self.watcher, router)
         self.inflight: dict[str, int] = {}
         self._loads: dict[str, LoadReport] = {}
         self._models: dict[str, ModelState] = {}
@@ -88,11 +93,13 @@ class WorkerPool:
     async def start(self) -> None:
         self._load_sub = await self.runtime.subscribe(f"{LOAD_PREFIX}.*")
         self._tasks.append(asyncio.create_task(self._consume_loads(self._load_sub)))
+        await self.router.start()
         await self.watcher.start()
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await self.router.close()
         await self.watcher.close()
 
     # -- views -----------------------------------------------------------------------------
@@ -170,8 +177,8 @@ class WorkerPool:
         return ModelState(card, tokenizer_from_files(card.tokenizer_files))
 
     # -- requests --------------------------------------------------------------------------
-    def pick(self, model: str, prompt: Sequence[int], excluded: set[str]) -> WorkerInfo:
-        """A worker for `prompt`; ServiceUnavailableError when none is live or all are full."""
+    def _room(self, model: str, excluded: Collection[str]) -> list[WorkerInfo]:
+        """Live workers of `model` with room; ServiceUnavailableError saying why if none."""
         live = [w for w in self.workers(model) if w.worker_id not in excluded]
         if not live:
             raise ServiceUnavailableError(f"no live worker serves {model!r}")
@@ -181,7 +188,16 @@ class WorkerPool:
                 f"all {len(live)} workers of {model!r} are saturated "
                 f"({self.max_inflight_per_worker} requests each); retry shortly"
             )
-        return self.chooser(room, self.inflight, prompt)
+        return room
+
+    def pick(self, ticket: RouteTicket, excluded: Collection[str] = ()) -> WorkerInfo:
+        """The router's choice for `ticket` among live workers with room."""
+        room = self._room(ticket.model, excluded)
+        if self.chooser is not None:
+            forced = self.chooser(room, self.inflight, ticket.prompt_token_ids)
+            room = room if forced is None else [forced]
+        by_id = {w.worker_id: w for w in room}
+        return by_id[self.router.route(ticket, by_id)]
 
     def check_capacity(self, model: str, num_requests: int = 1) -> None:
         live = self.workers(model)
@@ -189,39 +205,76 @@ class WorkerPool:
             max(0, self.max_inflight_per_worker - self.inflight.get(w.worker_id, 0)) for w in live
         )
         if free < num_requests:
-            self.pick(model, [], set())  # raises with the precise reason
+            self._room(model, ())  # raises with the precise reason
             raise ServiceUnavailableError(f"not enough room for {num_requests} requests; retry")
 
-    async def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]:
-        """Stream one request's chunks from a worker; a failure before the first token moves
-        it to another worker, after that it raises WorkerFailedError."""
+    def ticket(self, request: GenerateRequest) -> RouteTicket:
+        return self.router.ticket(
+            request.request_id,
+            request.model,
+            request.prompt_token_ids,
+            cache_salt=request.cache_salt,
+        )
+
+    async def generate(
+        self, request: GenerateRequest, ticket: RouteTicket | None = None
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """Stream one request's chunks from the worker the router picks; a failure before
+        the first token moves it to another worker, after that it raises WorkerFailedError.
+        The ticket's ledger row is set before the finishing chunk is yielded (or when the
+        caller leaves after the prefill, e.g. on a stop string)."""
+        ticket = ticket if ticket is not None else self.ticket(request)
         excluded: set[str] = set()
         payload = msgspec.msgpack.encode(request)
-        while True:
-            worker = self.pick(request.model, request.prompt_token_ids, excluded)
-            self.inflight[worker.worker_id] = self.inflight.get(worker.worker_id, 0) + 1
-            started = False
-            stream = self._stream(worker, payload)
-            try:
-                async for chunk in stream:
-                    if chunk.error is not None and chunk.error.kind == "draining" and not started:
-                        raise PeerUnavailableError("worker is draining")
-                    started = True
-                    yield chunk
-                    if chunk.finished:
-                        return
-                raise PeerUnavailableError("stream ended before the request finished")
-            except (PeerUnavailableError, RemoteError) as exc:
-                self.watcher.forget(worker.worker_id, worker.instance_id)
-                if started or len(excluded) >= self.max_retries:
-                    raise WorkerFailedError(worker.worker_id, str(exc)) from exc
-                logger.warning(
-                    "worker %s unavailable (%s); retrying elsewhere", worker.worker_id, exc
-                )
-                excluded.add(worker.worker_id)
-            finally:
-                self.inflight[worker.worker_id] -= 1
-                await stream.aclose()  # now, not at garbage collection: this cancels the call
+        last: GenerateChunk | None = None
+        try:
+            while True:
+                worker = self.pick(ticket, excluded)
+                self.inflight[worker.worker_id] = self.inflight.get(worker.worker_id, 0) + 1
+                started = False
+                stream = self._stream(worker, payload)
+                try:
+                    async for chunk in stream:
+                        error = chunk.error
+                        if error is not None and error.kind == "draining" and not started:
+                            raise PeerUnavailableError("worker is draining")
+                        started = True
+                        last = self._observe(ticket, chunk)
+                        yield chunk
+                        if chunk.finished:
+                            return
+                    raise PeerUnavailableError("stream ended before the request finished")
+                except (PeerUnavailableError, RemoteError) as exc:
+                    self.watcher.forget(worker.worker_id, worker.instance_id)
+                    if started or len(excluded) >= self.max_retries:
+                        raise WorkerFailedError(worker.worker_id, str(exc)) from exc
+                    logger.warning(
+                        "worker %s unavailable (%s); retrying elsewhere", worker.worker_id, exc
+                    )
+                    excluded.add(worker.worker_id)
+                finally:
+                    self.inflight[worker.worker_id] -= 1
+                    await stream.aclose()  # now, not at garbage collection: cancels the call
+        finally:
+            self._close_ticket(ticket, last)
+
+    def _observe(self, ticket: RouteTicket, chunk: GenerateChunk) -> GenerateChunk | None:
+        """Tell the router about the first token and, on success, the realized hits."""
+        if chunk.error is not None:
+            return None
+        if chunk.num_output_tokens:
+            self.router.on_first_token(ticket)
+        if chunk.finished:
+            prefill_s = chunk.metrics.prefill_s if chunk.metrics is not None else None
+            self.router.finish(ticket, chunk.num_cached_tokens, prefill_s)
+        return chunk
+
+    def _close_ticket(self, ticket: RouteTicket, last: GenerateChunk | None) -> None:
+        """Left early: a prefill that finished still counts in the ledger (the engine's hits
+        are known from its first token); anything else only releases the router's load."""
+        if ticket.row is None and last is not None and last.num_output_tokens:
+            self.router.finish(ticket, last.num_cached_tokens)
+        self.router.release(ticket)
 
     async def _stream(
         self, worker: WorkerInfo, payload: bytes

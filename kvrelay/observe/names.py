@@ -36,6 +36,8 @@ GENERATION_TOKENS_TOTAL = "kvrelay_generation_tokens_total"
 # -- frontend: latency ------------------------------------------------------------------------
 # Arrival at the frontend until the first output token reached it.
 TIME_TO_FIRST_TOKEN_SECONDS = "kvrelay_time_to_first_token_seconds"
+# Gap between consecutive output tokens at the frontend (a chunk of k tokens counts k gaps of 1/k).
+INTER_TOKEN_LATENCY_SECONDS = "kvrelay_inter_token_latency_seconds"
 # Arrival at the frontend until the last token (or error) left it.
 REQUEST_LATENCY_SECONDS = "kvrelay_request_latency_seconds"
 # Engine-measured: arrival on the worker until first scheduled.
@@ -64,3 +66,41 @@ WORKER_PREFIX_QUERY_TOKENS_TOTAL = "kvrelay_worker_prefix_query_tokens_total"
 WORKER_PREFIX_HIT_TOKENS_TOTAL = "kvrelay_worker_prefix_hit_tokens_total"
 # Requests the worker preempted (recomputed later) for lack of KV memory.
 WORKER_PREEMPTIONS_TOTAL = "kvrelay_worker_preemptions_total"
+
+# -- hit-rate ledger (per request, token-weighted; take ratios of two rate()s) ----------------
+# Requests whose funnel the ledger recorded (routed, prefill finished).
+LEDGER_REQUESTS_TOTAL = "kvrelay_ledger_requests_total"
+# F0: prompt tokens of recorded requests.
+LEDGER_PROMPT_TOKENS_TOTAL = "kvrelay_ledger_prompt_tokens_total"
+# F1: prompt tokens in blocks the cluster had computed before (the infinite-cache ideal).
+LEDGER_SEEN_TOKENS_TOTAL = "kvrelay_ledger_seen_tokens_total"
+# F2: prompt tokens cached on the best worker at routing time.
+LEDGER_REACHABLE_TOKENS_TOTAL = "kvrelay_ledger_reachable_tokens_total"
+# F3: prompt tokens cached on the chosen worker per the router's index (predicted hits).
+LEDGER_PREDICTED_TOKENS_TOTAL = "kvrelay_ledger_predicted_tokens_total"
+# F4: prompt tokens the engine served from its cache (realized hits).
+LEDGER_REALIZED_TOKENS_TOTAL = "kvrelay_ledger_realized_tokens_total"
+# Realized hits the index did not predict (the index lagged behind the engine).
+LEDGER_UNPREDICTED_HIT_TOKENS_TOTAL = "kvrelay_ledger_unpredicted_hit_tokens_total"
+# Estimated prefill seconds the realized hits saved (hits x the worker's seconds per token).
+LEDGER_PREFILL_SECONDS_SAVED_TOTAL = "kvrelay_ledger_prefill_seconds_saved_total"
+# F0 - F1: tokens never computed anywhere before (plus the uncacheable tail).
+LEDGER_LOST_COLD_TOKENS_TOTAL = "kvrelay_ledger_lost_cold_tokens_total"
+# F1 - F2: tokens computed before but evicted from every worker.
+LEDGER_LOST_CAPACITY_TOKENS_TOTAL = "kvrelay_ledger_lost_capacity_tokens_total"
+# F2 - F3: tokens cached on another worker than the chosen one (load or the policy won).
+LEDGER_LOST_ROUTING_TOKENS_TOTAL = "kvrelay_ledger_lost_routing_tokens_total"
+# F3 - F4: predicted hits the engine did not have (lost or late events, eviction meanwhile).
+LEDGER_LOST_STALE_INDEX_TOKENS_TOTAL = "kvrelay_ledger_lost_stale_index_tokens_total"
+# Per request: realized hits / prompt tokens (0.05-wide buckets).
+REQUEST_HIT_RATIO = "kvrelay_request_hit_ratio"
+# Per request: estimated prefill seconds its realized hits saved.
+REQUEST_PREFILL_SECONDS_SAVED = "kvrelay_request_prefill_seconds_saved"
+
+# -- router ------------------------------------------------------------------------------------
+# KV event batches the router applied from a worker (dumps included).
+ROUTER_KV_EVENT_BATCHES_TOTAL = "kvrelay_router_kv_event_batches_total"
+# Full dumps the router asked a worker for (on joining, after an event-id gap).
+ROUTER_KV_DUMPS_TOTAL = "kvrelay_router_kv_dumps_total"
+# KV blocks the router's index says a worker caches.
+ROUTER_INDEXED_BLOCKS = "kvrelay_router_indexed_blocks"

@@ -34,6 +34,7 @@ LOAD_PREFIX = "kvrelay.load"  # .<worker_id>: LoadReport
 ENDPOINT_GENERATE = "generate"
 ENDPOINT_STATS = "stats"
 ENDPOINT_MODEL_CARD = "model_card"
+ENDPOINT_KV_DUMP = "kv_dump"  # every cached block as one KVEventBatch (kv.events.full_dump_batch)
 
 DEFAULT_IDLE_TIMEOUT_S = 5.0
 DEFAULT_CONNECT_TIMEOUT_S = 3.0

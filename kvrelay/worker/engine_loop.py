@@ -1,6 +1,6 @@
 """The engine loop: one EngineCore driven by its own thread, fed from asyncio.
 
-Owns: `EngineLoop` — a command queue (add / abort) into the engine thread, per-request
+Owns: `EngineLoop` — a command queue (add / abort / KV dump) into the engine thread, per-request
 asyncio queues of `RequestOutput`s back out, KV event batches handed to a callback, and a
 stats snapshot the asyncio side can read without touching the engine. The engine is only
 ever called from the loop thread. Imports protocol, errors and kv events; must not import
@@ -53,6 +53,8 @@ class EngineLike(Protocol):
 
     def take_kv_events(self) -> KVEventBatch | None: ...
 
+    def kv_dump(self) -> KVEventBatch: ...
+
     def stats(self) -> Any: ...
 
 
@@ -70,6 +72,7 @@ class LoopStats:
     num_preempted: int = 0
     num_inflight: int = 0
     num_steps: int = 0
+    last_kv_event_id: int = -1  # id of the last KV event batch the engine emitted
 
 
 Item = RequestOutput | WireError
@@ -84,6 +87,11 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Dump:
+    result: asyncio.Future[KVEventBatch]
 
 
 def error_kind(exc: BaseException) -> str:
@@ -109,12 +117,13 @@ class EngineLoop:
         self.engine = engine
         self._loop = loop
         self._on_kv_events = on_kv_events
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Dump] = queue.SimpleQueue()
         self._outputs: dict[str, asyncio.Queue[Item]] = {}  # engine thread only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stats = LoopStats()
         self._num_steps = 0
+        self._last_kv_event_id = -1
 
     @property
     def stats(self) -> LoopStats:
@@ -138,6 +147,13 @@ class EngineLoop:
         """Stop a request and free its KV blocks (no-op when it already finished)."""
         self._commands.put(_Abort(request_id))
 
+    async def kv_dump(self) -> KVEventBatch:
+        """A full dump of the engine's cached blocks, taken on the engine thread between two
+        steps, so it is consistent with the event ids already handed out."""
+        result: asyncio.Future[KVEventBatch] = self._loop.create_future()
+        self._commands.put(_Dump(result))
+        return await result
+
     # -- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -145,8 +161,10 @@ class EngineLoop:
             if self.engine.has_unfinished():
                 self._step()
             batch = self.engine.take_kv_events()
-            if batch is not None and self._on_kv_events is not None:
-                self._call_soon(self._on_kv_events, batch)
+            if batch is not None:
+                self._last_kv_event_id = batch.event_id
+                if self._on_kv_events is not None:
+                    self._call_soon(self._on_kv_events, batch)
             self._refresh_stats()
         for request_id in list(self._outputs):
             self._finish_with_error(request_id, WireError(kind="draining", message="stopped"))
@@ -161,6 +179,8 @@ class EngineLoop:
         while True:
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _Dump):
+                self._dump(command.result)
             else:
                 self._abort(command.request_id)
             try:
@@ -182,6 +202,15 @@ class EngineLoop:
             )
             return
         self._outputs[req.request_id] = command.outputs
+
+    def _dump(self, result: asyncio.Future[KVEventBatch]) -> None:
+        try:
+            batch = self.engine.kv_dump()
+        except Exception as exc:
+            logger.exception("KV dump failed")
+            self._call_soon(_settle, result, None, exc)
+            return
+        self._call_soon(_settle, result, batch, None)
 
     def _abort(self, request_id: str) -> None:
         if self._outputs.pop(request_id, None) is not None:
@@ -235,4 +264,17 @@ class EngineLoop:
             num_preempted=prefix.num_preempted,
             num_inflight=len(self._outputs),
             num_steps=self._num_steps,
+            last_kv_event_id=self._last_kv_event_id,
         )
+
+
+def _settle(
+    future: asyncio.Future[KVEventBatch], batch: KVEventBatch | None, exc: Exception | None
+) -> None:
+    if future.done():  # the caller gave up
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert batch is not None
+        future.set_result(batch)

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="publish no KV events (the KV router cannot see this worker's cache; for tests)",
+    )
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies")
     p.add_argument("--log-level", default="INFO")
@@ -91,6 +96,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         role=args.role,
         block_size=engine.kv.block_size,
         num_kv_blocks=engine.kv.pool.num_blocks,
+        kv_events=not args.no_kv_events,
     )
     url = args.nats or args.hub
     try:

@@ -1,10 +1,10 @@
 """Worker service: one engine behind the runtime.
 
 Owns: `WorkerService` — registers the worker (model, role, block size, KV capacity,
-address), serves the `generate` / `stats` / `model_card` endpoints, publishes KV events and
-load reports on the event plane, aborts a request (freeing its blocks) when its caller goes
-away, and drains on shutdown. Imports runtime, protocol, kv and the engine loop; must not
-import the frontend or the HTTP framework.
+address), serves the `generate` / `stats` / `model_card` / `kv_dump` endpoints, publishes KV
+events (unless disabled) and load reports on the event plane, aborts a request (freeing its
+blocks) when its caller goes away, and drains on shutdown. Imports runtime, protocol, kv and
+the engine loop; must not import the frontend or the HTTP framework.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from kvrelay.errors import PeerUnavailableError
+from kvrelay.errors import InvalidRequestError, PeerUnavailableError
 from kvrelay.kv.events import KVEventBatch, encode_batch
 from kvrelay.protocol import (
     ROLE_AGGREGATED,
@@ -37,6 +37,7 @@ from kvrelay.protocol import (
 )
 from kvrelay.runtime.base import (
     ENDPOINT_GENERATE,
+    ENDPOINT_KV_DUMP,
     ENDPOINT_MODEL_CARD,
     ENDPOINT_STATS,
     Runtime,
@@ -48,7 +49,7 @@ from kvrelay.worker.engine_loop import EngineLike, EngineLoop
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_PIECE_BYTES = 256 << 10  # stays under NATS' default 1 MiB payload limit
+PIECE_BYTES = 256 << 10  # model cards and KV dumps go in pieces: NATS' payload limit is 1 MiB
 LOAD_REPORT_INTERVAL_S = 0.25
 
 
@@ -59,6 +60,7 @@ class WorkerIdentity:
     role: str = ROLE_AGGREGATED
     block_size: int = 16
     num_kv_blocks: int = 0
+    kv_events: bool = True  # False: publish no KV events and refuse dumps (`--no-kv-events`)
 
 
 class WorkerService:
@@ -101,6 +103,7 @@ class WorkerService:
             address=address,
             pid=os.getpid(),
             started_at=time.time(),
+            kv_events=self.identity.kv_events,
         )
         self._tasks = [
             asyncio.create_task(self._publish_kv_events()),
@@ -153,10 +156,23 @@ class WorkerService:
             yield msgspec.msgpack.encode(self.load_report())
         elif endpoint == ENDPOINT_MODEL_CARD:
             card = self.model_card_bytes()
-            for start in range(0, len(card), MODEL_CARD_PIECE_BYTES):
-                yield card[start : start + MODEL_CARD_PIECE_BYTES]
+            for start in range(0, len(card), PIECE_BYTES):
+                yield card[start : start + PIECE_BYTES]
+        elif endpoint == ENDPOINT_KV_DUMP:
+            dump = await self._kv_dump()
+            for start in range(0, len(dump), PIECE_BYTES):
+                yield dump[start : start + PIECE_BYTES]
         else:
             raise ValueError(f"unknown endpoint {endpoint!r}")
+
+    async def _kv_dump(self) -> bytes:
+        """The engine's cached blocks as one encoded full-dump batch."""
+        assert self.loop is not None
+        if not self.identity.kv_events:
+            raise InvalidRequestError(
+                f"{self.identity.worker_id} runs with KV events disabled (--no-kv-events)"
+            )
+        return encode_batch(await self.loop.kv_dump())
 
     async def _generate(self, payload: bytes) -> AsyncGenerator[bytes, None]:
         assert self.loop is not None
@@ -225,6 +241,7 @@ class WorkerService:
             num_prefix_hit_tokens=s.num_prefix_hit_tokens,
             num_preempted=s.num_preempted,
             num_inflight=s.num_inflight,
+            last_kv_event_id=s.last_kv_event_id,
         )
 
     def model_card_bytes(self) -> bytes:
@@ -243,6 +260,8 @@ class WorkerService:
         subject = kv_events_subject(self.identity.worker_id)
         while True:
             batch = await self._kv_batches.get()
+            if not self.identity.kv_events:
+                continue  # drained, never published
             with contextlib.suppress(PeerUnavailableError):
                 await self.runtime.publish(subject, encode_batch(batch))
 

@@ -11,6 +11,7 @@ from kvrelay.engine.block_pool import BlockPool
 from kvrelay.engine.kv_manager import KVCacheManager
 from kvrelay.engine.request import Request
 from kvrelay.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvrelay.kv.prefix_index import ApplyStatus, PrefixIndex
 from kvrelay.protocol import SamplingParams
 
 BS = 4
@@ -114,6 +115,44 @@ def test_extra_keys_separate_identical_tokens() -> None:
     assert compute_all(kv, make_request("a", list(range(9))))
     salted = Request("s", list(range(9)), SamplingParams(), BS, 0.0, extra_keys=b"salt=x")
     assert kv.get_computed_blocks(salted)[1] == 0
+
+
+def test_dump_lists_every_cached_block_and_heals_a_router_index() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    index = PrefixIndex(BS)
+    a, b = make_request("a", list(range(9))), make_request("b", list(range(50, 63)))
+    assert compute_all(kv, a)
+    kv.free(a)
+    first = kv.take_events(0.0)
+    assert first is not None and index.apply("w", first).status is ApplyStatus.APPLIED
+    assert compute_all(kv, b)  # stores b's blocks in a batch that is lost below
+    kv.free(b)
+    lost = kv.take_events(1.0)
+    assert lost is not None and lost.event_id == 1
+    c = make_request("c", list(range(100, 106)))
+    assert compute_all(kv, c)
+    kv.free(c)
+    after = kv.take_events(2.0)
+    assert after is not None and index.apply("w", after).needs_dump  # the gap is seen
+    dump = kv.dump_events(3.0)
+    assert dump.event_id == 2 and isinstance(dump.events[0], AllBlocksCleared)
+    runs = [ev for ev in dump.events[1:] if isinstance(ev, BlockStored)]
+    cached = {h for run in runs for h in run.block_hashes}
+    assert cached == set(kv.pool._cached) and len(cached) == kv.pool.num_cached_blocks
+    assert all(run.block_size == BS and run.token_ids == [] for run in runs)
+    assert index.apply("w", dump).status is ApplyStatus.APPLIED
+    assert index.blocks("w") == cached and not index.awaiting_dump("w")
+    index.check_integrity()
+
+
+def test_dump_runs_are_bounded_and_id_is_minus_one_before_any_batch() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    assert kv.dump_events(0.0).event_id == -1
+    assert compute_all(kv, make_request("a", list(range(41))))  # 10 full blocks
+    dump = kv.pool.dump_events(0.0, max_run=4)
+    runs = [ev for ev in dump.events if isinstance(ev, BlockStored)]
+    assert [len(run.block_hashes) for run in runs] == [4, 4, 2]
+    assert dump.event_id == -1  # the storing batch was not taken yet: its id comes later
 
 
 ops = st.lists(

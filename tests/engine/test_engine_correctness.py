@@ -24,13 +24,17 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 def reference_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
-    """Plain full-sequence forward each step, no KV cache: as independent as it gets."""
-    ids = list(prompt)
+    """transformers' own forward with its own (contiguous) KV cache, argmax each step."""
+    ids: list[int] = []
+    past = None
+    step_input = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(num_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
-    return ids[len(prompt) :]
+            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            ids.append(int(torch.argmax(out.logits[0, -1])))
+            step_input = torch.tensor([[ids[-1]]])
+    return ids
 
 
 def make_engine(path: Path, num_blocks: int = 512, budget: int = 64) -> EngineCore:

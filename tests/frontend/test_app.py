@@ -16,7 +16,6 @@ import pytest
 
 from kvrelay.engine.models.tokenizer import Tokenizer
 from kvrelay.frontend.app import FrontendConfig, create_app
-from kvrelay.frontend.routing import choose_worker
 from kvrelay.frontend.workers import WorkerPool
 from kvrelay.protocol import WorkerInfo
 from kvrelay.runtime import make_runtime
@@ -79,9 +78,11 @@ async def stack(
         await registrar.start()
         closers.append(registrar.close)
 
-    def prefer_extra(ws: Sequence[WorkerInfo], inflight: Mapping[str, int], p: Any) -> WorkerInfo:
+    def prefer_extra(
+        ws: Sequence[WorkerInfo], inflight: Mapping[str, int], p: Any
+    ) -> WorkerInfo | None:
         extra = [w for w in ws if w.worker_id.startswith("dead")]
-        return extra[0] if extra else choose_worker(ws, inflight, p)
+        return extra[0] if extra else None  # None: the router decides
 
     pool = WorkerPool(
         rt, max_inflight_per_worker=config.max_inflight_per_worker, chooser=prefer_extra
@@ -379,23 +380,3 @@ async def test_metrics_use_the_documented_names(tokenizer: Tokenizer) -> None:
     ):
         assert name in text, name
     assert 'kvrelay_generation_tokens_total{model="fake",worker="w0"} 2.0' in text
-
-
-def test_routing_prefers_prefix_affinity_within_slack() -> None:
-    workers = [
-        WorkerInfo(
-            worker_id=f"w{i}",
-            instance_id="i",
-            model="m",
-            block_size=4,
-            num_kv_blocks=8,
-            max_model_len=64,
-            address="a",
-        )
-        for i in range(3)
-    ]
-    prompt = [1, 2, 3, 4, 5, 6]
-    chosen = choose_worker(workers, {}, prompt)
-    assert choose_worker(workers, {}, [1, 2, 3, 4, 99]) == chosen  # same first block
-    busy = {chosen.worker_id: 10}
-    assert choose_worker(workers, busy, prompt) != chosen

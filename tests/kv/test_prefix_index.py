@@ -221,7 +221,10 @@ class Cluster:
 
     def deliver(self, name: str, b: KVEventBatch) -> None:
         result = self.index.apply(name, b)
-        self.undetected[name] = False
+        if b.event_id == self.engines[int(name[1:])].next_id - 1:
+            # The newest batch reveals any earlier loss (as a gap); an older one (a dump
+            # taken before a batch that was then dropped) cannot.
+            self.undetected[name] = False
         if result.needs_dump:
             self.dumps[name] = self.engines[int(name[1:])].dump()
 

@@ -125,7 +125,7 @@ async def test_stats_endpoint_load_reports_and_kv_events() -> None:
         stats = msgspec.msgpack.decode(
             await call_once(rt, address, ENDPOINT_STATS, b""), type=LoadReport
         )
-    assert batch.event_id == 1 and len(batch.events) == 1
+    assert batch.event_id == 0 and len(batch.events) == 1
     assert report.worker_id == "w0" and report.num_kv_blocks == 256
     assert stats.num_prefix_query_tokens == 40
 

@@ -127,6 +127,22 @@ class KVCache:
         """K and V of one layer, each (num_blocks, num_kv_heads, block_size, head_dim)."""
         return self.data[layer_idx, 0], self.data[layer_idx, 1]
 
+    def read_blocks(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """A block-major copy of some blocks: one gather over every layer, K and V.
+
+        block_ids: (n,) int64 on the cache's device.
+        Returns (n, num_layers, 2, num_kv_heads, block_size, head_dim), contiguous.
+        """
+        return self._block_major().index_select(0, block_ids)
+
+    def write_blocks(self, block_ids: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Store a block-major tensor shaped like `read_blocks`' result into `block_ids`."""
+        self._block_major().index_copy_(0, block_ids, blocks)
+
+    def _block_major(self) -> torch.Tensor:
+        # (num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim), a view
+        return self.data.permute(2, 0, 1, 3, 4, 5)
+
     @staticmethod
     def bytes_per_block(
         num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype

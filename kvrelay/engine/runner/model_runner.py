@@ -9,6 +9,8 @@ the scheduler, the KV manager or anything above `engine.runner`.
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ from kvrelay.engine.runner.attention import (
     paged_attention,
 )
 from kvrelay.engine.runner.sampler import Sampler
-from kvrelay.errors import InvalidRequestError
+from kvrelay.errors import CorruptTransferError, InvalidRequestError
+from kvrelay.kv.transfer import KVLayout, Payload
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,44 @@ class ModelRunner:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.num_blocks
+
+    def kv_layout(self) -> KVLayout:
+        """How one block's KV is laid out in `export_blocks` payloads."""
+        _, _, _, num_kv_heads, block_size, head_dim = self.kv_cache.data.shape
+        return KVLayout(
+            dtype=str(self.dtype).removeprefix("torch."),
+            itemsize=self.kv_cache.data.element_size(),
+            num_layers=self.arch.num_layers,
+            num_kv_heads=num_kv_heads,
+            block_size=block_size,
+            head_dim=head_dim,
+        )
+
+    def export_blocks(self, block_ids: Sequence[int]) -> memoryview:
+        """The KV of `block_ids` (all layers, K and V) as one block-major host buffer:
+        one gather and at most one device-to-host copy, no per-block Python work."""
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            blocks = self.kv_cache.read_blocks(ids).to("cpu")
+        return blocks.view(-1).view(torch.uint8).numpy().data.cast("B")
+
+    def import_blocks(self, block_ids: Sequence[int], payload: Payload) -> None:
+        """Store an `export_blocks` payload (of an engine with the same layout) into
+        `block_ids`, in order."""
+        layout = self.kv_layout()
+        view = memoryview(payload).cast("B")
+        if view.nbytes != len(block_ids) * layout.bytes_per_block:
+            raise CorruptTransferError(
+                f"payload of {view.nbytes} bytes for {len(block_ids)} blocks of "
+                f"{layout.bytes_per_block} bytes"
+            )
+        with warnings.catch_warnings():  # a read-only buffer is fine: it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(view, dtype=torch.uint8)
+        blocks = raw.view(self.dtype).view(len(block_ids), *layout.block_shape)
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            self.kv_cache.write_blocks(ids, blocks.to(self.device))
 
     def execute(self, batch: StepBatch) -> dict[str, int]:
         """Run one step; the sampled next token of every chunk with sample=True."""

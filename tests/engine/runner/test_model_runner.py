@@ -207,3 +207,17 @@ def test_sizes(llama_dir: Path) -> None:
     assert ModelRunner.bytes_per_block(arch, BLOCK_SIZE, "bfloat16") == expected // 2
     assert runner.kv_cache.data.numel() * 4 == expected * NUM_BLOCKS
     assert runner.max_model_len == 4096
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 0.5), ("float16", 0.1)])
+def test_low_precision_stays_close_to_float32(llama_dir: Path, dtype: str, tol: float) -> None:
+    results = []
+    for dt in ("float32", dtype):
+        runner, pool = new_runner(llama_dir, dt), block_pool()
+        seq = Seq("a", prompt(30, 4), pool)
+        first = runner.execute_logits(StepBatch([seq.chunk(30)]))["a"]
+        seq.tokens.append(77)
+        second = runner.execute_logits(StepBatch([seq.chunk(1)]))["a"]
+        results.append((first.float(), second.float()))
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref, atol=tol, rtol=0.0)
