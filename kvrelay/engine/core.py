@@ -88,6 +88,8 @@ class EngineCore:
             // ModelRunner.bytes_per_block(arch, block_size, config.dtype),
         )
         self.runner = ModelRunner(self.model, num_blocks, block_size, config.dtype, config.device)
+        if model is None:
+            self.model.state_dict.clear()  # the runner holds its own (fused) copies
         self.kv = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, clock)
         self.eos_token_ids = self._eos_token_ids()
