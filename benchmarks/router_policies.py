@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -187,6 +188,12 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         )
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value.relative_to(ROOT)) if value.is_relative_to(ROOT) else str(value)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="default: a tiny random Llama")
@@ -219,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"targets: {targets}")
     report = {
         "benchmark": "router_policies",
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {k: _plain(v) for k, v in vars(args).items()},
         "model": str(args.model or "tiny random llama (2 layers, hidden 64)"),
         "workload": workload(args).describe(),
-        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        },
         "results": results,
         "targets": targets,
     }

@@ -38,7 +38,7 @@ class MetricDoc:
 def metric_docs() -> list[MetricDoc]:
     """Every metric name in names.py, in file order, with the comment lines just above it."""
     docs: list[MetricDoc] = []
-    section, comment = "", []
+    section, comment = "", list[str]()
     for raw in inspect.getsource(names).splitlines():
         line = raw.strip()
         if match := _SECTION.match(line):
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     new = update_doc(text)
     if check:
         if new != text:
-            print(f"{path} is out of date: run python -m kvrelay.observe.metrics_doc", file=sys.stderr)
+            print(f"{path} is out of date: python -m kvrelay.observe.metrics_doc", file=sys.stderr)
             return 1
         return 0
     path.write_text(new)

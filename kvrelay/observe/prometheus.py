@@ -68,24 +68,26 @@ _LEDGER_COUNTERS = (
     n.LEDGER_LOST_ROUTING_TOKENS_TOTAL,
     n.LEDGER_LOST_STALE_INDEX_TOKENS_TOTAL,
 )
-_WORKER_GAUGES = {  # name -> (help, LoadReport attribute)
-    n.WORKER_RUNNING_REQUESTS: ("Requests in the running batch.", "num_running"),
-    n.WORKER_WAITING_REQUESTS: ("Requests waiting in the queue.", "num_waiting"),
-    n.WORKER_KV_BLOCKS: ("KV blocks in the cache.", "num_kv_blocks"),
-    n.WORKER_KV_FREE_BLOCKS: ("KV blocks free.", "num_free_blocks"),
-    n.WORKER_KV_USAGE: ("Fraction of KV blocks in use.", "kv_usage"),
-}
-_WORKER_COUNTERS = {
-    n.WORKER_PREFIX_QUERY_TOKENS_TOTAL: (
+_WORKER_GAUGES = (  # (name, help, LoadReport attribute)
+    (n.WORKER_RUNNING_REQUESTS, "Requests in the running batch.", "num_running"),
+    (n.WORKER_WAITING_REQUESTS, "Requests waiting in the queue.", "num_waiting"),
+    (n.WORKER_KV_BLOCKS, "KV blocks in the cache.", "num_kv_blocks"),
+    (n.WORKER_KV_FREE_BLOCKS, "KV blocks free.", "num_free_blocks"),
+    (n.WORKER_KV_USAGE, "Fraction of KV blocks in use.", "kv_usage"),
+)
+_WORKER_COUNTERS = (
+    (
+        n.WORKER_PREFIX_QUERY_TOKENS_TOTAL,
         "Prompt tokens looked up in the prefix cache.",
         "num_prefix_query_tokens",
     ),
-    n.WORKER_PREFIX_HIT_TOKENS_TOTAL: (
+    (
+        n.WORKER_PREFIX_HIT_TOKENS_TOTAL,
         "Prompt tokens found in the prefix cache.",
         "num_prefix_hit_tokens",
     ),
-    n.WORKER_PREEMPTIONS_TOTAL: ("Requests preempted.", "num_preempted"),
-}
+    (n.WORKER_PREEMPTIONS_TOTAL, "Requests preempted.", "num_preempted"),
+)
 
 CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(n.REQUESTS_TOTAL, "counter", _M),
@@ -103,8 +105,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(n.PREFILL_TIME_SECONDS, "histogram", _M),
     MetricSpec(n.DECODE_TIME_SECONDS, "histogram", _M),
     MetricSpec(n.WORKERS, "gauge", _M),
-    *(MetricSpec(name, "gauge", _MW) for name in _WORKER_GAUGES),
-    *(MetricSpec(name, "counter", _MW) for name in _WORKER_COUNTERS),
+    *(MetricSpec(name, "gauge", _MW) for name, _, _ in _WORKER_GAUGES),
+    *(MetricSpec(name, "counter", _MW) for name, _, _ in _WORKER_COUNTERS),
     *(MetricSpec(name, "counter", _MWW) for name in _LEDGER_COUNTERS),
     MetricSpec(n.REQUEST_HIT_RATIO, "histogram", _MWW),
     MetricSpec(n.REQUEST_PREFILL_SECONDS_SAVED, "histogram", _MWL),
@@ -131,12 +133,12 @@ class _WorkerCollector(Collector):
         for model, count in per_model.items():
             workers.add_metric([model], count)
         yield workers
-        for name, (doc, attr) in _WORKER_GAUGES.items():
+        for name, doc, attr in _WORKER_GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=labels)
             for model, report in loads:
                 gauge.add_metric([model, report.worker_id], float(getattr(report, attr)))
             yield gauge
-        for name, (doc, attr) in _WORKER_COUNTERS.items():
+        for name, doc, attr in _WORKER_COUNTERS:
             counter = CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
             for model, report in loads:
                 counter.add_metric([model, report.worker_id], float(getattr(report, attr)))

@@ -1,10 +1,10 @@
 """Router service: keeps a `RouterState` per model fed by every worker's KV events, routes
 requests with it, and closes each request's hit-rate ledger row.
 
-Owns: `RouterConfig`, `RouteTicket` (one request's routing and ledger state), `RouterService`
-(membership from discovery, the KV-event subscription, dump requests on a gap or a new
-worker, routing, the ledger per model) and `WorkerEventStats` (what the service heard from
-each worker, for `/kvrelay/workers` and `kvrelay doctor`). Async, one owner: everything runs
+Owns: `RouterService` — membership from discovery, the KV-event subscription, dump requests
+on a gap or a new worker, routing, the ledger per model, and the views `/kvrelay/workers`,
+`/metrics` and `kvrelay doctor` read. Its data types (`RouterConfig`, `RouteTicket`,
+`WorkerEventStats`) are in `router/ticket.py`. Async, one owner: everything runs
 on the event loop of the frontend that holds it. Layer L3: imports kv, observe, runtime,
 protocol, errors and router modules; never the engine, the frontend or the worker.
 
@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -34,15 +34,12 @@ from kvrelay.errors import PeerUnavailableError, RemoteError, ServiceUnavailable
 from kvrelay.kv.events import KVEventBatch, decode_batch
 from kvrelay.kv.hashing import extra_keys_bytes, hash_blocks
 from kvrelay.kv.prefix_index import ApplyResult, ApplyStatus, PrefixIndex
-from kvrelay.observe.ledger import HitLedger, LedgerRow, MetricSample, Prediction
-from kvrelay.observe.ledger_inputs import (
-    DEFAULT_MAX_WORKLOADS,
-    DEFAULT_SEEN_CAPACITY_BLOCKS,
-    WorkloadLabels,
-)
+from kvrelay.observe.ledger import HitLedger, LedgerRow, MetricSample
+from kvrelay.observe.ledger_inputs import WorkloadLabels
 from kvrelay.protocol import WorkerInfo
-from kvrelay.router.policy import PolicyConfig, RouterPolicy, RoutingDecision
+from kvrelay.router.policy import RouterPolicy
 from kvrelay.router.state import RouterState
+from kvrelay.router.ticket import RouterConfig, RouteTicket, WorkerEventStats
 from kvrelay.runtime.base import ENDPOINT_KV_DUMP, KV_EVENTS_PREFIX, Runtime, Subscription
 from kvrelay.runtime.discovery import DiscoveryWatcher
 
@@ -51,56 +48,6 @@ logger = logging.getLogger(__name__)
 DUMP_TIMEOUT_S = 10.0  # silence on a dump call before giving up on it
 DUMP_RETRY_S = 1.0  # least time between two dump requests to one worker
 MAX_DUMP_ATTEMPTS = 3  # per request for a dump, with DUMP_RETRY_S between attempts
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """The router's policy and the ledger's bounds. `block_size` None: adopt each model's
-    first registered worker's; set: workers with another block size are refused."""
-
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    block_size: int | None = None
-    seed: int | None = None  # random / softmax choices; None: nondeterministic
-    seen_capacity_blocks: int = DEFAULT_SEEN_CAPACITY_BLOCKS
-    max_workloads: int = DEFAULT_MAX_WORKLOADS
-
-
-@dataclass
-class WorkerEventStats:
-    """What the service heard from one worker instance (reset when it restarts)."""
-
-    model: str
-    block_size: int
-    kv_events: bool
-    routable: bool  # joined its model's state (block size matches)
-    num_event_batches: int = 0
-    num_blocks_stored: int = 0
-    num_blocks_removed: int = 0
-    num_blocks_rejected: int = 0  # stored blocks with a foreign block size
-    num_gaps: int = 0  # batches that made the index ask for a dump
-    num_dumps_requested: int = 0
-    num_dumps_applied: int = 0
-    num_dumps_failed: int = 0
-    last_dump_at: float = -1e9  # monotonic time of the last dump request
-
-
-@dataclass
-class RouteTicket:
-    """One request's way through the router: hashed once, routed (again on a retry),
-    closed with the engine's realized hits. `row` is set once the ledger recorded it."""
-
-    request_id: str
-    model: str
-    prompt_token_ids: Sequence[int]
-    workload: str
-    policy: RouterPolicy | None = None
-    cache_salt: str | None = None
-    block_hashes: list[int] = field(default_factory=list)
-    block_size: int = 0
-    decision: RoutingDecision | None = None
-    prediction: Prediction | None = None
-    row: LedgerRow | None = None
-    first_token: bool = False
 
 
 @dataclass
@@ -221,7 +168,10 @@ class RouterService:
                 except msgspec.DecodeError:
                     logger.warning("ignoring a malformed KV event batch from %s", worker_id)
                     continue
-                self.apply(worker_id, batch)
+                try:
+                    self.apply(worker_id, batch)
+                except Exception:  # one bad batch must not stop the feed for every worker
+                    logger.exception("applying a KV event batch from %s failed", worker_id)
 
     def apply(self, worker_id: str, batch: KVEventBatch) -> ApplyResult | None:
         """Feed one batch (live or a dump) from a worker; None when it is not routable."""
@@ -445,3 +395,6 @@ class RouterService:
     def check_integrity(self) -> None:
         for model in self._models.values():
             model.state.check_integrity()
+
+
+__all__ = ["RouteTicket", "RouterConfig", "RouterService", "WorkerEventStats"]

@@ -84,6 +84,13 @@ def test_completion_with_cached_tokens(client: openai.OpenAI) -> None:
     assert (second.model_extra or {})["kvrelay"]["workers"][0].startswith("nats-")
 
 
+def test_router_gets_kv_events_and_dumps_over_nats(server: str) -> None:
+    workers = httpx.get(f"{server}/kvrelay/workers", headers=AUTH, timeout=10).json()["workers"]
+    assert workers and all(w["router"]["num_dumps_applied"] >= 1 for w in workers)
+    assert all(w["router"]["num_dumps_failed"] == 0 for w in workers)
+    assert sum(w["router"]["num_indexed_blocks"] for w in workers) > 0  # the cached prompt
+
+
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     messages: Any = [{"role": "user", "content": "Write a function."}]
     stream = client.chat.completions.create(

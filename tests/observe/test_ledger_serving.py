@@ -245,3 +245,21 @@ async def test_unknown_router_override_is_a_400(tiny_model: Path, tmp_path: Path
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "kvrelay.router"
     assert "round_robin" in resp.json()["error"]["message"]
+
+
+async def test_stream_carries_the_row_in_its_last_chunk(tiny_model: Path, tmp_path: Path) -> None:
+    async with stack(tiny_model, tmp_path, num_workers=1) as s:
+        body = {"model": MODEL, "prompt": tokens(5, 3 * BS), "max_tokens": 3, "stream": True}
+        for extra in ({}, {"stream_options": {"include_usage": True}}):
+            resp = await s.client.post("/v1/completions", json={**body, **extra})
+            events = [
+                json.loads(line[6:])
+                for line in resp.text.splitlines()
+                if line.startswith("data: {")
+            ]
+            rows = [e["kvrelay"]["ledger"] for e in events if "kvrelay" in e]
+            assert len(rows) == 1 and "kvrelay" in events[-1]
+            assert rows[0]["num_prompt_tokens"] == 3 * BS
+            await until(s.synced)
+    assert rows[0]["num_realized_tokens"] == 2 * BS  # the second time: a hit, predicted
+    assert rows[0]["num_predicted_tokens"] == 2 * BS

@@ -11,10 +11,18 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kvrelay.kv.events import decode_batch
+from kvrelay.errors import RemoteError
+from kvrelay.kv.events import AllBlocksCleared, BlockStored, decode_batch
+from kvrelay.kv.hashing import hash_blocks
 from kvrelay.protocol import GenerateChunk, GenerateRequest, LoadReport, SamplingParams
 from kvrelay.runtime import Runtime, make_runtime
-from kvrelay.runtime.base import ENDPOINT_GENERATE, ENDPOINT_STATS, call_once, kv_events_subject
+from kvrelay.runtime.base import (
+    ENDPOINT_GENERATE,
+    ENDPOINT_KV_DUMP,
+    ENDPOINT_STATS,
+    call_once,
+    kv_events_subject,
+)
 from kvrelay.runtime.embedded import EmbeddedHub
 from kvrelay.worker.engine_loop import error_kind
 from kvrelay.worker.service import WorkerIdentity, WorkerService
@@ -30,16 +38,15 @@ def anyio_backend() -> str:
 
 @contextlib.asynccontextmanager
 async def worker(
-    engine: FakeEngine, tokenizer: object = None
+    engine: FakeEngine, tokenizer: object = None, kv_events: bool = True
 ) -> AsyncIterator[tuple[WorkerService, Runtime, str]]:
     hub = EmbeddedHub()
     url = await hub.start()
     worker_rt, client_rt = make_runtime(url), make_runtime(url)
     await worker_rt.start()
     await client_rt.start()
-    service = WorkerService(
-        worker_rt, engine, WorkerIdentity("w0", "fake", num_kv_blocks=256), tokenizer
-    )
+    identity = WorkerIdentity("w0", "fake", num_kv_blocks=256, kv_events=kv_events)
+    service = WorkerService(worker_rt, engine, identity, tokenizer)
     info = await service.start()
     try:
         yield service, client_rt, info.address
@@ -128,6 +135,30 @@ async def test_stats_endpoint_load_reports_and_kv_events() -> None:
     assert batch.event_id == 0 and len(batch.events) == 1
     assert report.worker_id == "w0" and report.num_kv_blocks == 256
     assert stats.num_prefix_query_tokens == 40
+
+
+async def test_kv_dump_lists_the_cache_and_reports_the_last_event_id() -> None:
+    prompt = list(range(3, 43))  # 2 full blocks of 16
+    async with worker(FakeEngine()) as (service, rt, address):
+        await chunks(rt, address, request("a", prompt))
+        await asyncio.sleep(0.1)
+        dump = decode_batch(b"".join([p async for p in rt.call(address, ENDPOINT_KV_DUMP, b"")]))
+        report = service.load_report()
+    assert dump.event_id == 0 == report.last_kv_event_id
+    assert isinstance(dump.events[0], AllBlocksCleared)
+    stored = [h for ev in dump.events if isinstance(ev, BlockStored) for h in ev.block_hashes]
+    assert stored == hash_blocks(prompt, 16)
+
+
+async def test_no_kv_events_publishes_nothing_and_refuses_dumps() -> None:
+    async with worker(FakeEngine(), kv_events=False) as (service, rt, address):
+        kv_sub = await rt.subscribe(kv_events_subject("w0"))
+        await chunks(rt, address, request("a", list(range(3, 43))))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(kv_sub.next(), 0.3)
+        with pytest.raises(RemoteError, match="--no-kv-events"):
+            await call_once(rt, address, ENDPOINT_KV_DUMP, b"")
+        assert service.registrar is not None and not service.registrar.info.kv_events
 
 
 async def test_model_card_carries_a_working_tokenizer(tmp_path: Path) -> None:
