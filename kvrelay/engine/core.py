@@ -27,6 +27,7 @@ from kvrelay.errors import (
     PromptTooLongError,
     TransferError,
 )
+from kvrelay.kv.buffers import BufferPool
 from kvrelay.kv.events import KVEventBatch
 from kvrelay.kv.hashing import extra_keys_bytes, hash_blocks
 from kvrelay.kv.transfer import BlockRun, KVLayout
@@ -95,6 +96,7 @@ class EngineCore:
         self.eos_token_ids = self._eos_token_ids()
         self._export_jobs: dict[str, _ExportJob] = {}
         self._exports: list[KVExport] = []
+        self._export_buffers = BufferPool()  # staging for exported runs, reused on release
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens, max_model_len %d",
             self.model.name,
@@ -292,7 +294,9 @@ class EngineCore:
         return request
 
     def take_kv_exports(self) -> list[KVExport]:
-        """Exports ready since the last call, in block order per request."""
+        """Exports ready since the last call, in block order per request. Each run's payload
+        is a pooled buffer: hand the run to `KVSendStream.send` (which releases it once
+        sent) or call `run.release()` when done with it."""
         ready, self._exports = self._exports, []
         return ready
 
@@ -305,8 +309,10 @@ class EngineCore:
                     self._fail_export(job, "the prefill finished without caching its blocks")
                 continue
             ids = [self._cached_block_id(h) for h in pending[:n]]
+            buf, give_back = self._export_buffers.take(n * self.runner.kv_layout().bytes_per_block)
+            payload = self.runner.export_blocks(ids, out=buf)
             first = job.first_block + job.num_exported
-            run = BlockRun(job.request_id, first, pending[:n], self.runner.export_blocks(ids))
+            run = BlockRun(job.request_id, first, pending[:n], payload, give_back)
             job.num_exported += n
             done = job.num_exported == len(job.block_hashes)
             self._exports.append(KVExport(job.request_id, run, done))

@@ -10,10 +10,11 @@ event loop (an engine thread) puts into the receiver's loop. Imports only `kv.tr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
-from kvrelay.errors import PeerUnavailableError, TransferError
+from kvrelay.errors import TransferError
 from kvrelay.kv.send_stream import PipelinedSendStream
 from kvrelay.kv.transfer import (
     DEFAULT_TIMEOUT_S,
@@ -23,8 +24,7 @@ from kvrelay.kv.transfer import (
     Header,
     Inbox,
     KVLayout,
-    Payload,
-    RunHeader,
+    Transport,
     check_payload,
     check_run_header,
 )
@@ -50,7 +50,7 @@ class InProcessHub:
     def lookup(self, address: str) -> InProcessTransport:
         receiver = self._receivers.get(address)
         if receiver is None:
-            raise PeerUnavailableError(f"no KV receiver at {address}")
+            raise TransferError(f"no KV receiver at {address}")
         return receiver
 
 
@@ -90,8 +90,9 @@ class InProcessTransport:
             inbox.put_error(TransferError(f"KV receiver {self.address} closed"))
             inbox.close()
 
-    def deliver(self, header: Header, payload: Payload | None) -> None:
-        """Check a run as a receiver on the wire would, then hand it to the inbox."""
+    def deliver(self, header: Header, sent: BlockRun | None) -> None:
+        """Check a run as a receiver on the wire would, then hand it to the inbox (the same
+        payload: its consumer's `release()` returns the sender's buffer)."""
         inbox = self._inboxes.get(header.request_id)
         if inbox is None:
             raise TransferError(f"request {header.request_id}: no transfer expected here")
@@ -100,20 +101,19 @@ class InProcessTransport:
         elif isinstance(header, AbortHeader):
             inbox.put_error(TransferError(f"sender aborted: {header.reason}"))
         else:
+            payload = b"" if sent is None else sent.payload
             try:
-                _check(header, payload, inbox)
+                check_run_header(header, inbox.layout, inbox.next_block)
+                check_payload(header, payload)
             except TransferError as exc:
                 inbox.put_error(exc)
                 raise
-            assert payload is not None
-            view = memoryview(payload)
-            run = BlockRun(header.request_id, header.first_block, header.block_hashes, view)
-            inbox.put_run(run)
+            assert sent is not None
+            inbox.put_run(dataclasses.replace(sent, request_id=header.request_id))
 
 
-def _check(header: RunHeader, payload: Payload | None, inbox: Inbox) -> None:
-    check_run_header(header, inbox.layout, inbox.next_block)
-    check_payload(header, b"" if payload is None else payload)
+def _is_transport(transport: InProcessTransport) -> Transport:  # mypy checks the protocol
+    return transport
 
 
 class InProcessSendStream(PipelinedSendStream):
@@ -123,8 +123,8 @@ class InProcessSendStream(PipelinedSendStream):
         super().__init__(request_id, layout, timeout_s)
         self._receiver = receiver
 
-    async def _write(self, header: Header, payload: Payload | None) -> None:
-        self._receiver.deliver(header, payload)
+    async def _write(self, header: Header, run: BlockRun | None) -> None:
+        self._receiver.deliver(header, run)
 
-    async def _close(self) -> None:
+    async def _close(self) -> TransferError | None:
         return None

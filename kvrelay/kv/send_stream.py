@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 
 from kvrelay.errors import TransferError
 from kvrelay.kv.transfer import (
     AbortHeader,
+    BlockRun,
     EndHeader,
     Header,
     KVLayout,
-    Payload,
     run_header,
 )
 
@@ -31,7 +30,7 @@ class PipelinedSendStream:
     """`KVSendStream` skeleton both transports share: `send` checksums a run (in a thread when
     large, so the loop keeps moving bytes) and queues it; one writer task puts queued runs
     on the wire in order, so checksumming run i+1 overlaps writing run i. Subclasses
-    implement `_write` (a header and optional payload) and `_close`."""
+    implement `_write` (a header and, for a run, the run) and `_close`."""
 
     def __init__(
         self, request_id: str, layout: KVLayout, timeout_s: float, max_queued_runs: int = 4
@@ -42,27 +41,30 @@ class PipelinedSendStream:
         self.num_blocks = 0
         self.num_bytes = 0
         self._next_block = -1
-        self._queue: asyncio.Queue[tuple[Header, Payload | None] | None] = asyncio.Queue(
+        self._queue: asyncio.Queue[tuple[Header, BlockRun | None] | None] = asyncio.Queue(
             max_queued_runs
         )
         self._error: TransferError | None = None
         self._ended = False
         self._writer = asyncio.get_running_loop().create_task(self._pump())
 
-    async def _write(self, header: Header, payload: Payload | None) -> None:
+    async def _write(self, header: Header, run: BlockRun | None) -> None:
         raise NotImplementedError
 
-    async def _close(self) -> None:
+    async def _close(self) -> TransferError | None:
+        """Release the connection once everything queued was written; the error that
+        stopped the writing, if any."""
         raise NotImplementedError
 
-    async def send(self, first_block: int, block_hashes: Sequence[int], payload: Payload) -> None:
+    async def send(self, run: BlockRun) -> None:
         self._check_open()
+        first_block, block_hashes = run.first_block, run.block_hashes
         if self._next_block >= 0 and first_block != self._next_block:
             raise TransferError(
                 f"request {self.request_id}: run at block {first_block} after block "
                 f"{self._next_block - 1}; runs must be sent in block order"
             )
-        view = memoryview(payload).cast("B")
+        view = run.payload
         if view.nbytes >= _THREAD_CHECKSUM_BYTES:
             header = await asyncio.to_thread(
                 run_header, self.request_id, first_block, block_hashes, self.layout, view
@@ -72,7 +74,7 @@ class PipelinedSendStream:
         self._next_block = first_block + len(block_hashes)
         self.num_blocks += len(block_hashes)
         self.num_bytes += view.nbytes
-        await self._enqueue((header, view))
+        await self._enqueue((header, run))
 
     async def finish(self) -> None:
         self._check_open()
@@ -88,7 +90,9 @@ class PipelinedSendStream:
             return
         self._ended = True
         while not self._queue.empty():  # drop queued runs: they will not be used
-            self._queue.get_nowait()
+            item = self._queue.get_nowait()
+            if item is not None and item[1] is not None:
+                item[1].release()
         with contextlib.suppress(TransferError):
             await self._enqueue((AbortHeader(self.request_id, reason), None))
             await self._enqueue(None)
@@ -100,7 +104,7 @@ class PipelinedSendStream:
         if self._ended:
             raise TransferError(f"request {self.request_id}: stream already finished")
 
-    async def _enqueue(self, item: tuple[Header, Payload | None] | None) -> None:
+    async def _enqueue(self, item: tuple[Header, BlockRun | None] | None) -> None:
         """Queue an item, or raise the writer's error if it stopped (even while waiting)."""
         if not self._writer.done():
             if self._queue.full():
@@ -127,4 +131,7 @@ class PipelinedSendStream:
             self._error = TransferError(f"request {self.request_id}: send failed: {exc!r}")
             logger.warning("KV send for %s failed: %r", self.request_id, exc)
         finally:
-            await self._close()
+            error = await self._close()
+            if self._error is None and error is not None:
+                self._error = error
+                logger.warning("KV send for %s failed: %s", self.request_id, error)

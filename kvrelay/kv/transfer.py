@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -194,11 +195,14 @@ class BlockRun:
 class KVSendStream(Protocol):
     """One request's outgoing transfer. `send` may return before the bytes are on the wire
     (the transport pipelines); `finish` waits until everything was sent and raises the
-    first error. The stream takes ownership of each payload: do not modify it after `send`.
+    first error. The stream takes ownership of each run: it calls `run.release()` once the
+    payload is no longer needed (after writing it, or, in-process, after the receiver's
+    consumer has imported it) — do not modify the payload after `send`.
     """
 
-    async def send(self, first_block: int, block_hashes: Sequence[int], payload: Payload) -> None:
-        """Queue a run of consecutive blocks (runs must be sent in block order)."""
+    async def send(self, run: BlockRun) -> None:
+        """Queue a run of consecutive blocks (runs must be sent in block order; the run's
+        request id is not used, the stream's is)."""
         ...
 
     async def finish(self) -> None:
@@ -261,6 +265,7 @@ class Inbox:
         self._queue: asyncio.Queue[BlockRun | _End | TransferError] = asyncio.Queue()
         self._done = False
         self._on_close: list[Callable[[], object]] = []
+        self._lock = threading.Lock()  # closed / _on_close: transports call in from threads
 
     def _put(self, item: BlockRun | _End | TransferError) -> None:
         if self.closed:
@@ -285,8 +290,13 @@ class Inbox:
         self._put(error)
 
     def on_close(self, callback: Callable[[], object]) -> None:
-        """Call `callback` when the inbox closes (the transport drops it and its socket)."""
-        self._on_close.append(callback)
+        """Call `callback` when the inbox closes (the transport drops it and its socket);
+        at once if it is closed already. Any thread."""
+        with self._lock:
+            if not self.closed:
+                self._on_close.append(callback)
+                return
+        callback()
 
     async def next_run(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> BlockRun | None:
         """The next verified run, or None when the transfer is complete."""
@@ -325,9 +335,10 @@ class Inbox:
 
     def close(self) -> None:
         """Stop taking runs (idempotent); the transport drops the inbox and its connection."""
-        if self.closed:
-            return
-        self.closed = True
-        callbacks, self._on_close = self._on_close, []
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            callbacks, self._on_close = self._on_close, []
         for callback in callbacks:
             callback()

@@ -6,6 +6,7 @@ transfer stops halfway, and over the TCP transport with sending overlapped with 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def generate(engine: EngineCore, rid: str, prompt: list[int]) -> list[int]:
     return result
 
 
-def prefill_and_export(engine: EngineCore, rid: str, prompt: list[int], first: int,
-                       hashes: list[int]) -> list[tuple[int, KVExport]]:  # fmt: skip
+def prefill_and_export(
+    engine: EngineCore, rid: str, prompt: list[int], first: int, hashes: list[int]
+) -> list[tuple[int, KVExport]]:
     """Run A's prefill request to the end; each export with the step it came after."""
     engine.add_prefill_request(rid, prompt, first, hashes)
     got = [(0, e) for e in engine.take_kv_exports()]
@@ -72,7 +74,9 @@ def prefill_and_export(engine: EngineCore, rid: str, prompt: list[int], first: i
     return got
 
 
-def transfer(a: EngineCore, b: EngineCore, rid: str, prompt: list[int]) -> list[tuple[int, KVExport]]:  # fmt: skip
+def transfer(
+    a: EngineCore, b: EngineCore, rid: str, prompt: list[int]
+) -> list[tuple[int, KVExport]]:
     """Plan on B, prefill and export on A, import on B; the exports (for assertions)."""
     imp = b.begin_kv_import(rid, prompt)
     assert imp is not None
@@ -81,7 +85,8 @@ def transfer(a: EngineCore, b: EngineCore, rid: str, prompt: list[int]) -> list[
     exports = prefill_and_export(a, f"prefill-{rid}", prompt, imp.next_block, imp.missing_hashes)
     for _, export in exports:
         assert export.run is not None and not export.error
-        b.import_kv(BlockRun(rid, export.run.first_block, export.run.block_hashes, export.run.payload))  # fmt: skip
+        b.import_kv(dataclasses.replace(export.run, request_id=rid))
+        export.run.release()
         b.check_integrity()
     assert exports[-1][1].done
     return exports
@@ -120,7 +125,7 @@ def test_only_missing_blocks_move_when_decode_holds_part_of_the_prefix(tiny: Pat
     a, b, ref = make_engine(tiny), make_engine(tiny), make_engine(tiny)
     shared = prompts(ref.model.arch.vocab_size, [96], seed=2)[0]
     tails = prompts(ref.model.arch.vocab_size, [70, 5, 40], seed=3)
-    generate(b, "warm", shared + [7])  # B computed the shared 6 blocks itself
+    generate(b, "warm", [*shared, 7])  # B computed the shared 6 blocks itself
     for i, tail in enumerate(tails):
         prompt = shared + tail
         expected = generate(ref, f"ref-{i}", prompt)
@@ -221,8 +226,7 @@ def test_pipelined_transfer_over_tcp(tiny: Path) -> None:
             while True:
                 for export in a.take_kv_exports():
                     assert export.run is not None
-                    await stream.send(export.run.first_block, export.run.block_hashes,
-                                      export.run.payload)  # fmt: skip
+                    await stream.send(export.run)
                     if export.done:
                         await stream.finish()
                         return
@@ -231,6 +235,7 @@ def test_pipelined_transfer_over_tcp(tiny: Path) -> None:
         producing = asyncio.create_task(produce())
         async for run in inbox.runs(timeout_s=10):
             b.import_kv(run)
+            run.release()
         await producing
 
     async def body() -> None:

@@ -21,7 +21,6 @@ import pytest
 
 from kvrelay.errors import (
     CorruptTransferError,
-    PeerUnavailableError,
     TransferError,
     TransferTimeoutError,
 )
@@ -48,6 +47,12 @@ BPB = LAYOUT.bytes_per_block  # 512
 
 def blocks(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n * BPB, dtype=np.uint8).tobytes()
+
+
+def mkrun(
+    first: int, hashes: list[int], data: bytes, release: Callable[[], None] | None = None
+) -> BlockRun:
+    return BlockRun("ignored", first, hashes, memoryview(data), release)
 
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
@@ -85,7 +90,7 @@ def test_round_trip_in_order_and_byte_exact(kind: str) -> None:
             receiving = asyncio.create_task(collect(inbox))
             first = 5
             for i, (n, data) in enumerate(zip(sizes, payloads, strict=True)):
-                await stream.send(first, [1000 * i + j for j in range(n)], data)
+                await stream.send(mkrun(first, [1000 * i + j for j in range(n)], data))
                 first += n
             await stream.finish()
             runs = await receiving
@@ -93,6 +98,39 @@ def test_round_trip_in_order_and_byte_exact(kind: str) -> None:
             assert [bytes(r.payload) for r in runs] == payloads
             assert runs[2].block_hashes == [2000 + j for j in range(64)]
             assert inbox.closed and inbox.num_blocks == sum(sizes)
+            assert {r.request_id for r in runs} == {"r1"}
+
+    run(body)
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+def test_payload_buffers_are_released(kind: str) -> None:
+    """TCP: the sender releases a run once written, the receiver's pool reuses released
+    buffers. In-process: the payload itself travels, and the consumer's release is the
+    sender's."""
+
+    async def body() -> None:
+        async with pair(kind) as (rx, tx):
+            released: list[int] = []
+            inbox = rx.expect("r", LAYOUT)
+            stream = await tx.open(await rx.start(), "r", LAYOUT)
+            for i in range(3):
+                await stream.send(mkrun(i, [i], blocks(1, i), lambda i=i: released.append(i)))
+            await stream.finish()
+            runs = await collect(inbox)
+            if kind == "tcp":
+                assert released == [0, 1, 2]
+                assert isinstance(rx, TcpTransport)
+                first = runs[0].payload
+                runs[0].release()
+                runs[0].release()  # idempotent
+                buf, _ = rx.buffers.take(BPB)
+                assert buf.obj is first.obj  # reused
+            else:
+                assert released == []
+                for r in runs:
+                    r.release()
+                assert released == [0, 1, 2]
 
     run(body)
 
@@ -105,7 +143,7 @@ def test_large_run_round_trip(kind: str) -> None:
             data = blocks(8192)  # 4 MiB: checksummed in a thread, received in slices
             stream = await tx.open(await rx.start(), "big", LAYOUT)
             receiving = asyncio.create_task(collect(inbox))
-            await stream.send(0, list(range(8192)), data)
+            await stream.send(mkrun(0, list(range(8192)), data))
             await stream.finish()
             (got,) = await receiving
             assert got.payload.nbytes == len(data) and bytes(got.payload) == data
@@ -119,7 +157,7 @@ def test_abort_fails_the_inbox(kind: str) -> None:
         async with pair(kind) as (rx, tx):
             inbox = rx.expect("r", LAYOUT)
             stream = await tx.open(await rx.start(), "r", LAYOUT)
-            await stream.send(0, [1], blocks(1))
+            await stream.send(mkrun(0, [1], blocks(1)))
             await asyncio.sleep(0.05)  # let the run go out; abort drops runs still queued
             await stream.abort("prefill cancelled")
             assert (await inbox.next_run()) is not None  # the verified run before the abort
@@ -136,10 +174,10 @@ def test_sender_rejects_bad_runs(kind: str) -> None:
             rx.expect("r", LAYOUT)
             stream = await tx.open(await rx.start(), "r", LAYOUT)
             with pytest.raises(TransferError, match="does not hold"):
-                await stream.send(0, [1, 2], blocks(1))
-            await stream.send(0, [1], blocks(1))
+                await stream.send(mkrun(0, [1, 2], blocks(1)))
+            await stream.send(mkrun(0, [1], blocks(1)))
             with pytest.raises(TransferError, match="block order"):
-                await stream.send(3, [4], blocks(1))
+                await stream.send(mkrun(3, [4], blocks(1)))
             await stream.abort("done")
 
     run(body)
@@ -167,7 +205,7 @@ def test_inproc_detects_corrupt_payload() -> None:
             bad = bytearray(blocks(2))
             bad[700] ^= 1
             with pytest.raises(CorruptTransferError, match="checksum"):
-                rx.deliver(header, bad)
+                rx.deliver(header, mkrun(0, [1, 2], bytes(bad)))
             with pytest.raises(CorruptTransferError, match="checksum"):
                 await inbox.next_run()
 
@@ -321,16 +359,16 @@ def test_tcp_sender_errors() -> None:
         port = listener.getsockname()[1]
         # a receiver that accepts and never reads: the sender times out
         stream = await tx.open(f"tcp://127.0.0.1:{port}", "r", LAYOUT, timeout_s=0.3)
-        await stream.send(0, list(range(131072)), blocks(131072))  # 64 MiB
+        await stream.send(mkrun(0, list(range(131072)), blocks(131072)))  # 64 MiB
         with pytest.raises(TransferTimeoutError):
             await stream.finish()
         listener.close()
-        with pytest.raises(PeerUnavailableError):
+        with pytest.raises(TransferError, match="cannot reach"):
             await tx.open(f"tcp://127.0.0.1:{port}", "r", LAYOUT, timeout_s=1.0)
         # a receiver that expects nothing: the transfer is not acknowledged
         rx = TcpTransport()
         stream = await tx.open(await rx.start(), "unknown", LAYOUT)
-        await stream.send(0, [1], blocks(1))
+        await stream.send(mkrun(0, [1], blocks(1)))
         with pytest.raises(TransferError):
             await stream.finish()
         await rx.close()
@@ -347,3 +385,28 @@ def test_header_codec_and_checksum() -> None:
     h = msgspec.structs.replace(header, block_hashes=[big, 0, 1])
     assert decode_header(encode_header(h)).block_hashes[0] == big
     assert ACK == b"\x01"
+
+
+def test_inproc_sender_on_another_thread_and_loop() -> None:
+    """An engine thread with its own event loop sends; the receiver's loop gets the runs."""
+    import threading
+
+    async def body() -> None:
+        hub = InProcessHub()
+        rx = InProcessTransport(hub)
+        address = await rx.start()
+        inbox = rx.expect("r", LAYOUT)
+
+        async def send_all() -> None:
+            stream = await InProcessTransport(hub).open(address, "r", LAYOUT)
+            for i in range(5):
+                await stream.send(mkrun(i, [i], blocks(1, i)))
+            await stream.finish()
+
+        thread = threading.Thread(target=lambda: asyncio.run(send_all()))
+        thread.start()
+        runs = await collect(inbox)
+        thread.join()
+        assert [bytes(r.payload) for r in runs] == [blocks(1, i) for i in range(5)]
+
+    run(body)

@@ -126,28 +126,42 @@ class ModelRunner:
             head_dim=head_dim,
         )
 
-    def export_blocks(self, block_ids: Sequence[int]) -> memoryview:
-        """The KV of `block_ids` (all layers, K and V) as one block-major host buffer:
-        one gather and at most one device-to-host copy, no per-block Python work."""
+    def export_blocks(self, block_ids: Sequence[int], out: memoryview | None = None) -> memoryview:
+        """The KV of `block_ids` (all layers, K and V) as one block-major host buffer —
+        written into `out` (exactly that many bytes) when given, e.g. a pooled buffer: one
+        gather (plus one device-to-host copy on GPU), no per-block Python work."""
+        layout = self.kv_layout()
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        if out is None:
+            out = memoryview(bytearray(len(block_ids) * layout.bytes_per_block))
+        host = self._host_blocks(out, len(block_ids))
         with torch.inference_mode():
-            blocks = self.kv_cache.read_blocks(ids).to("cpu")
-        return blocks.view(-1).view(torch.uint8).numpy().data.cast("B")
+            if self.device.type == "cpu":
+                self.kv_cache.read_blocks(ids, out=host)
+            else:
+                host.copy_(self.kv_cache.read_blocks(ids))
+        return out
+
+    def _host_blocks(self, buf: memoryview, num_blocks: int) -> torch.Tensor:
+        """A tensor over `buf`: (num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim)."""
+        layout = self.kv_layout()
+        view = memoryview(buf).cast("B")
+        if view.nbytes != num_blocks * layout.bytes_per_block:
+            raise CorruptTransferError(
+                f"payload of {view.nbytes} bytes for {num_blocks} blocks of "
+                f"{layout.bytes_per_block} bytes"
+            )
+        if num_blocks == 0:
+            return torch.empty(0, *layout.block_shape, dtype=self.dtype)
+        with warnings.catch_warnings():  # a read-only buffer is fine where it is only read
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(view, dtype=torch.uint8)
+        return raw.view(self.dtype).view(num_blocks, *layout.block_shape)
 
     def import_blocks(self, block_ids: Sequence[int], payload: Payload) -> None:
         """Store an `export_blocks` payload (of an engine with the same layout) into
-        `block_ids`, in order."""
-        layout = self.kv_layout()
-        view = memoryview(payload).cast("B")
-        if view.nbytes != len(block_ids) * layout.bytes_per_block:
-            raise CorruptTransferError(
-                f"payload of {view.nbytes} bytes for {len(block_ids)} blocks of "
-                f"{layout.bytes_per_block} bytes"
-            )
-        with warnings.catch_warnings():  # a read-only buffer is fine: it is only read
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(view, dtype=torch.uint8)
-        blocks = raw.view(self.dtype).view(len(block_ids), *layout.block_shape)
+        `block_ids`, in order. The payload is not used after this returns."""
+        blocks = self._host_blocks(memoryview(payload), len(block_ids))
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
             self.kv_cache.write_blocks(ids, blocks.to(self.device))
