@@ -92,7 +92,8 @@ def pick_linear(dtype: torch.dtype, device: torch.device) -> LinearFn:
     """The matmul for the projections. On CPU in float32 oneDNN's linear is about 2x faster
     than F.linear's MKL path on the AMD CPUs we run on (benchmarks/engine_vs_peers.py), with
     results equal up to fp32 rounding; everywhere else (GPU, float64 tests) F.linear."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    onednn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    if device.type != "cpu" or dtype != torch.float32 or not onednn:
         return F.linear
     op = torch.ops.mkldnn._linear_pointwise
 
