@@ -46,9 +46,15 @@ class _Child:
 class WorkerSupervisor:
     """Keeps `num_workers` worker processes running until `stop`."""
 
-    def __init__(self, command: Callable[[str], list[str]], num_workers: int) -> None:
+    def __init__(
+        self,
+        command: Callable[[str], list[str]],
+        num_workers: int,
+        worker_ids: Sequence[str] | None = None,
+    ) -> None:
         self.command = command
-        self.children = [_Child(f"worker-{i}") for i in range(num_workers)]
+        ids = list(worker_ids) if worker_ids else [f"worker-{i}" for i in range(num_workers)]
+        self.children = [_Child(wid) for wid in ids]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -115,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=0,
+        help="disaggregated: prefill worker processes (with --decode-workers; replaces --workers)",
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=0,
+        help="disaggregated: decode worker processes (with --prefill-workers)",
+    )
+    p.add_argument(
         "--nats",
         metavar="URL",
         default=None,
@@ -140,8 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def worker_ids(args: argparse.Namespace) -> list[str]:
+    """`worker-i` when aggregated; `prefill-i` and `decode-i` when disaggregated."""
+    if args.prefill_workers or args.decode_workers:
+        return [f"prefill-{i}" for i in range(args.prefill_workers)] + [
+            f"decode-{i}" for i in range(args.decode_workers)
+        ]
+    return [f"worker-{i}" for i in range(args.workers)]
+
+
+def role_of(worker_id: str) -> str:
+    return (
+        worker_id.split("-", 1)[0]
+        if worker_id.startswith(("prefill-", "decode-"))
+        else ("aggregated")
+    )
+
+
 def worker_command(args: argparse.Namespace, runtime_url: str) -> Callable[[str], list[str]]:
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    num = len(worker_ids(args))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, num))
     flag = "--nats" if args.nats else "--hub"
 
     def command(worker_id: str) -> list[str]:
@@ -165,6 +201,8 @@ def worker_command(args: argparse.Namespace, runtime_url: str) -> Callable[[str]
             args.log_level,
             "--parent-pid",
             str(os.getpid()),
+            "--role",
+            role_of(worker_id),
         ]
         for name in ("served_model_name", "num_kv_blocks", "max_model_len"):
             value = getattr(args, name)
@@ -184,7 +222,8 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     hub = None if args.nats else EmbeddedHub()
     url = args.nats or await hub.start()  # type: ignore[union-attr]
-    supervisor = WorkerSupervisor(worker_command(args, url), args.workers)
+    ids = worker_ids(args)
+    supervisor = WorkerSupervisor(worker_command(args, url), len(ids), ids)
     runtime = make_runtime(url, name="frontend")
     await runtime.start()
     pool = WorkerPool(
@@ -193,12 +232,12 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         await pool.start()
         await supervisor.start()
-        announce = asyncio.create_task(_announce_ready(pool, args.workers, stop))
+        announce = asyncio.create_task(_announce_ready(pool, len(ids), stop))
 
         def on_listening(base: str) -> None:
             print(
                 f"kvrelay: serving {args.model} at {base}/v1 "
-                f"({args.workers} workers starting; GET {base}/ready)",
+                f"({len(ids)} workers starting; GET {base}/ready)",
                 flush=True,
             )
 
@@ -226,6 +265,11 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         print("kvrelay serve: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if (args.prefill_workers or args.decode_workers) and args.decode_workers < 1:
+        print(
+            "kvrelay serve: --decode-workers must be >= 1 with --prefill-workers", file=sys.stderr
+        )
         return 2
     logging.basicConfig(
         level=args.log_level.upper(),

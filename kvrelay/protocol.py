@@ -107,6 +107,19 @@ class RequestOutput(msgspec.Struct, kw_only=True):
 # -- serving: frontend <-> worker over the runtime ------------------------------------------
 
 ROLE_AGGREGATED = "aggregated"
+ROLE_PREFILL = "prefill"  # computes prompt KV for decode workers; serves no generate calls
+ROLE_DECODE = "decode"  # generates; may import a prompt's KV from a prefill worker
+ROLES = (ROLE_AGGREGATED, ROLE_PREFILL, ROLE_DECODE)
+
+
+class RemotePrefill(msgspec.Struct, frozen=True, kw_only=True):
+    """Frontend -> decode worker: fetch the prompt's missing KV blocks from this prefill
+    worker (request-plane `address`) before running the request; `timeout_s` bounds every
+    wait on the transfer (no run for that long: fall back to a local prefill)."""
+
+    worker_id: str
+    address: str
+    timeout_s: float = 10.0
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,6 +130,49 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
     sampling: SamplingParams
     model: str = ""
     cache_salt: str | None = None
+    remote_prefill: RemotePrefill | None = None
+
+
+class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Decode worker -> prefill worker: compute (or find cached) the prompt blocks
+    [first_block, first_block + len(block_hashes)) and stream them to `transfer_address`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    first_block: int
+    block_hashes: list[int]
+    transfer_address: str
+    cache_salt: str | None = None
+    timeout_s: float = 10.0
+
+
+class PrefillResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Prefill worker -> decode worker, after the transfer's end marker was acknowledged."""
+
+    worker_id: str
+    num_blocks: int = 0
+    num_bytes: int = 0
+    num_cached_tokens: int = 0  # of the sent blocks' tokens, found in the prefill cache
+    error: WireError | None = None
+
+
+class DisaggInfo(msgspec.Struct, kw_only=True):
+    """How a remote prefill went, on the decode worker's finishing chunk.
+
+    num_imported_tokens: prompt tokens whose KV arrived and was imported (they show up in the
+    chunk's num_cached_tokens, but were not cache hits of the decode worker).
+    num_remote_cached_tokens: of those, tokens the prefill worker served from its own cache.
+    fallback: the transfer failed or timed out; the rest was prefilled locally.
+    """
+
+    prefill_worker: str
+    transfer_s: float = 0.0
+    num_blocks: int = 0
+    num_bytes: int = 0
+    num_imported_tokens: int = 0
+    num_remote_cached_tokens: int = 0
+    fallback: bool = False
+    fallback_reason: str = ""
 
 
 class WireError(msgspec.Struct, frozen=True, kw_only=True):
@@ -144,6 +200,7 @@ class GenerateChunk(msgspec.Struct, kw_only=True):
     metrics: RequestMetrics | None = None
     worker_id: str = ""
     error: WireError | None = None
+    disagg: DisaggInfo | None = None  # set on the finishing chunk of a remote-prefill request
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,6 +217,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
     started_at: float = 0.0
     kv_events: bool = True  # False: publishes no KV events (`--no-kv-events`), serves no dumps
+    transfer_address: str = ""  # KV transfer plane (prefill / decode roles), e.g. tcp://h:p
+    kv_bytes_per_block: int = 0  # one block's KV payload (placement's transfer estimate)
 
 
 class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,6 +237,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     num_preempted: int = 0
     num_inflight: int = 0  # requests the worker is streaming (accepted, not finished)
     last_kv_event_id: int = -1  # id of the last KV event batch its engine emitted (-1: none)
+    num_queued_prefill_tokens: int = 0  # prefill role: prompt tokens of remote prefills in flight
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):

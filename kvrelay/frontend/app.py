@@ -90,7 +90,10 @@ def serving_metrics(pool: WorkerPool) -> ServingMetrics:
             for model, worker, s, n in router.event_stats()
         ]
 
-    return ServingMetrics(pool.loads, router.metric_samples, router_samples)
+    def placements() -> list[tuple[str, str, int]]:
+        return [(m, r, c) for (m, r), c in pool.disagg.decisions.items()]
+
+    return ServingMetrics(pool.loads, router.metric_samples, router_samples, placements)
 
 
 def create_app(

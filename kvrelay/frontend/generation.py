@@ -19,7 +19,13 @@ from kvrelay.engine.models.tokenizer import IncrementalDecoder, Tokenizer
 from kvrelay.frontend.errors import from_wire
 from kvrelay.frontend.workers import WorkerPool
 from kvrelay.observe.ledger import LedgerRow
-from kvrelay.protocol import GenerateChunk, GenerateRequest, RequestMetrics, SamplingParams
+from kvrelay.protocol import (
+    DisaggInfo,
+    GenerateChunk,
+    GenerateRequest,
+    RequestMetrics,
+    SamplingParams,
+)
 from kvrelay.router.service import RouteTicket
 
 
@@ -48,6 +54,7 @@ class ChoiceState:
     last_token_s: float | None = None
     itl_s: list[float] = field(default_factory=list)  # per output token after the first
     ledger: LedgerRow | None = None
+    disagg: DisaggInfo | None = None  # a remote prefill's transfer, from the decode worker
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,8 @@ def _record(state: ChoiceState, chunk: GenerateChunk, arrival: float) -> None:
     state.worker_id = chunk.worker_id
     if chunk.metrics is not None:
         state.metrics = chunk.metrics
+    if chunk.disagg is not None:
+        state.disagg = chunk.disagg
 
 
 def _finish_reason(engine_reason: str | None) -> str:

@@ -339,6 +339,11 @@ class OpenAIHandlers:
             if s.metrics is not None and s.finish_reason is not None:
                 m = s.metrics
                 self.metrics.on_engine_times(model, m.queue_s, m.prefill_s, m.decode_s)
+            if s.disagg is not None:
+                d = s.disagg
+                self.metrics.on_transfer(
+                    model, d.prefill_worker, d.num_bytes, d.transfer_s, d.fallback
+                )
             if s.ledger is not None:
                 self.metrics.on_ledger_row(s.ledger)
                 self._log(job, s, outcome, latency_s)

@@ -23,6 +23,7 @@ from kvrelay.errors import KvRelayError
 from kvrelay.frontend.app import FrontendConfig, create_app
 from kvrelay.frontend.workers import WorkerPool
 from kvrelay.observe.request_log import RequestLog
+from kvrelay.router.placement import MODES, PlacementConfig
 from kvrelay.router.policy import PolicyConfig, RouterPolicy
 from kvrelay.router.service import RouterConfig
 from kvrelay.runtime import make_runtime
@@ -134,6 +135,7 @@ def add_http_flags(p: argparse.ArgumentParser, default_port: int = 8000) -> None
         help="append one JSON line per served choice (its hit-rate ledger row and timings)",
     )
     add_router_flags(p)
+    add_placement_flags(p)
 
 
 def add_router_flags(p: argparse.ArgumentParser) -> None:
@@ -166,13 +168,45 @@ def add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-seed", type=int, default=None, help="seed of random choices")
 
 
+def add_placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--remote-prefill",
+        default="auto",
+        choices=MODES,
+        help="with prefill workers: auto (the placement rule), always (every request with a "
+        "missing block; for tests), never",
+    )
+    p.add_argument(
+        "--remote-prefill-min-tokens",
+        type=int,
+        default=256,
+        help="auto: least uncached prompt tokens for a remote prefill",
+    )
+    p.add_argument(
+        "--remote-prefill-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a KV run before the decode worker prefills locally",
+    )
+
+
 def router_config(args: argparse.Namespace) -> RouterConfig:
     policy = PolicyConfig(
         policy=RouterPolicy(args.router),
         overlap_weight=args.router_overlap_weight,
         temperature=args.router_temperature,
     )
-    return RouterConfig(policy=policy, block_size=args.router_block_size, seed=args.router_seed)
+    placement = PlacementConfig(
+        mode=getattr(args, "remote_prefill", "auto"),
+        min_remote_tokens=getattr(args, "remote_prefill_min_tokens", 256),
+        timeout_s=getattr(args, "remote_prefill_timeout", 10.0),
+    )
+    return RouterConfig(
+        policy=policy,
+        block_size=args.router_block_size,
+        seed=args.router_seed,
+        placement=placement,
+    )
 
 
 def frontend_config(args: argparse.Namespace) -> FrontendConfig:

@@ -80,6 +80,27 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000.0, 3)
 
 
+def disagg_extension(s: ChoiceState) -> dict[str, Any] | None:
+    """Where the prompt was computed: None for a local prefill."""
+    d = s.disagg
+    if d is None:
+        return None
+    return {
+        "prefill_worker": d.prefill_worker,
+        "decode_worker": s.worker_id,
+        "transfer_ms": _ms(d.transfer_s),
+        "transfer_bytes": d.num_bytes,
+        "transfer_blocks": d.num_blocks,
+        "imported_tokens": d.num_imported_tokens,
+        "prefill_worker_cached_tokens": d.num_remote_cached_tokens,
+        "prefill_worker_computed_tokens": d.num_imported_tokens - d.num_remote_cached_tokens,
+        "decode_worker_computed_tokens": s.num_prompt_tokens - s.num_cached_tokens,
+        "decode_worker_cached_tokens": s.num_cached_tokens - d.num_imported_tokens,
+        "fallback": d.fallback,
+        "fallback_reason": d.fallback_reason or None,
+    }
+
+
 def kvrelay_extension(request_id: str, states: Sequence[ChoiceState]) -> dict[str, Any]:
     """Which workers served the request, engine timings, cached tokens and the ledger row,
     per choice and overall (times: the slowest choice; `ledger`: the first choice's row)."""
@@ -98,6 +119,7 @@ def kvrelay_extension(request_id: str, states: Sequence[ChoiceState]) -> dict[st
                 "decode_ms": _ms(m.decode_s if m else None),
                 "ttft_ms": _ms(s.first_token_s),
                 "ledger": None if s.ledger is None else msgspec.to_builtins(s.ledger),
+                "disagg": disagg_extension(s),
             }
         )
 
@@ -114,6 +136,7 @@ def kvrelay_extension(request_id: str, states: Sequence[ChoiceState]) -> dict[st
         "decode_ms": slowest("decode_ms"),
         "ttft_ms": slowest("ttft_ms"),
         "ledger": choices[0]["ledger"] if choices else None,
+        "disagg": choices[0]["disagg"] if choices else None,
         "choices": choices,
     }
 

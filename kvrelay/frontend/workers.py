@@ -6,7 +6,10 @@ tokenizer (fetched from a worker, so a frontend needs no model files), and `gene
 has the KV-aware router (`router.service.RouterService`) pick a worker among those with room,
 streams its chunks, tells the router about the first token and the realized cache hits (the
 ledger row lands on the request's `RouteTicket`), and retries on another worker when the
-first one fails before producing anything. Imports runtime, router, protocol, the tokenizer
+first one fails before producing anything. Prefill-role workers are never routed to; on a
+decode worker the router's placement rule may name one for a remote prefill
+(docs/disaggregation.md), and the ledger's realized hits then exclude the imported blocks.
+Imports runtime, router, protocol, the tokenizer
 and frontend helpers; must not import the engine core or the worker.
 """
 
@@ -17,7 +20,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -25,7 +28,16 @@ import msgspec
 from kvrelay.engine.models.tokenizer import Tokenizer
 from kvrelay.errors import PeerUnavailableError, RemoteError, ServiceUnavailableError
 from kvrelay.frontend.errors import ApiError
-from kvrelay.protocol import GenerateChunk, GenerateRequest, LoadReport, ModelCard, WorkerInfo
+from kvrelay.protocol import (
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    GenerateChunk,
+    GenerateRequest,
+    LoadReport,
+    ModelCard,
+    RemotePrefill,
+    WorkerInfo,
+)
 from kvrelay.router.service import RouterConfig, RouterService, RouteTicket
 from kvrelay.runtime.base import (
     DEFAULT_IDLE_TIMEOUT_S,
@@ -55,6 +67,15 @@ class WorkerFailedError(ServiceUnavailableError):
     def __init__(self, worker_id: str, reason: str) -> None:
         super().__init__(f"worker {worker_id} failed mid-request: {reason}")
         self.worker_id = worker_id
+
+
+@dataclass
+class DisaggCounters:
+    """The pool's disaggregation bookkeeping: placement decisions (exported at /metrics)
+    and the prompt tokens sent to each prefill worker whose first token is not back yet."""
+
+    decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, reason)
+    pending: dict[str, int] = field(default_factory=dict)  # prefill worker -> tokens
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,7 @@ class WorkerPool:
         self._model_locks: dict[str, asyncio.Lock] = {}
         self._load_sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.disagg = DisaggCounters()
 
     async def start(self) -> None:
         self._load_sub = await self.runtime.subscribe(f"{LOAD_PREFIX}.*")
@@ -179,7 +201,9 @@ class WorkerPool:
     # -- requests --------------------------------------------------------------------------
     def _room(self, model: str, excluded: Collection[str]) -> list[WorkerInfo]:
         """Live workers of `model` with room; ServiceUnavailableError saying why if none."""
-        live = [w for w in self.workers(model) if w.worker_id not in excluded]
+        live = [
+            w for w in self.workers(model) if w.worker_id not in excluded and w.role != ROLE_PREFILL
+        ]
         if not live:
             raise ServiceUnavailableError(f"no live worker serves {model!r}")
         room = [w for w in live if self.inflight.get(w.worker_id, 0) < self.max_inflight_per_worker]
@@ -232,7 +256,7 @@ class WorkerPool:
                 worker = self.pick(ticket, excluded)
                 self.inflight[worker.worker_id] = self.inflight.get(worker.worker_id, 0) + 1
                 started = False
-                stream = self._stream(worker, payload)
+                stream = self._stream(worker, self._placed(request, ticket, worker, payload))
                 try:
                     async for chunk in stream:
                         error = chunk.error
@@ -258,15 +282,71 @@ class WorkerPool:
         finally:
             self._close_ticket(ticket, last)
 
+    def _placed(
+        self, request: GenerateRequest, ticket: RouteTicket, worker: WorkerInfo, payload: bytes
+    ) -> bytes:
+        """Decode worker: apply the placement rule; a remote prefill names its worker."""
+        ticket.placement = None
+        if worker.role != ROLE_DECODE:
+            return payload
+        prefill = [w for w in self.workers(request.model) if w.role == ROLE_PREFILL]
+        placement = self.router.place(
+            ticket, prefill, self._queued_prefill_tokens, worker.kv_bytes_per_block
+        )
+        key = (request.model, placement.reason)
+        self.disagg.decisions[key] = self.disagg.decisions.get(key, 0) + 1
+        if not placement.remote or placement.prefill_worker_id is None:
+            return payload
+        chosen = next(w for w in prefill if w.worker_id == placement.prefill_worker_id)
+        self.disagg.pending[chosen.worker_id] = (
+            self.disagg.pending.get(chosen.worker_id, 0) + placement.num_uncached_tokens
+        )
+        remote = RemotePrefill(
+            worker_id=chosen.worker_id,
+            address=chosen.address,
+            timeout_s=self.router.config.placement.timeout_s,
+        )
+        return msgspec.msgpack.encode(msgspec.structs.replace(request, remote_prefill=remote))
+
+    def _prefill_done(self, ticket: RouteTicket) -> None:
+        """The remote prefill's tokens leave the prefill worker's pending count."""
+        placement = ticket.placement
+        if placement is None or placement.prefill_worker_id is None:
+            return
+        wid = placement.prefill_worker_id
+        self.disagg.pending[wid] = max(
+            0, self.disagg.pending.get(wid, 0) - placement.num_uncached_tokens
+        )
+
+    def _queued_prefill_tokens(self, worker_id: str) -> int:
+        """A prefill worker's queue: what it reports, or what we sent it since, if more."""
+        report = self._loads.get(worker_id)
+        reported = report.num_queued_prefill_tokens if report is not None else 0
+        return max(reported, self.disagg.pending.get(worker_id, 0))
+
     def _observe(self, ticket: RouteTicket, chunk: GenerateChunk) -> GenerateChunk | None:
-        """Tell the router about the first token and, on success, the realized hits."""
+        """Tell the router about the first token and, on success, the realized hits.
+
+        Remote prefill: the decode engine counts imported blocks as cached tokens, but they
+        were not its cache hits. The ledger's *realized* is the decode worker's own hits plus
+        what the prefill worker served from its cache (tokens it did not compute)."""
         if chunk.error is not None:
             return None
+        if chunk.num_output_tokens and not ticket.first_token:
+            self._prefill_done(ticket)
         if chunk.num_output_tokens:
             self.router.on_first_token(ticket)
         if chunk.finished:
             prefill_s = chunk.metrics.prefill_s if chunk.metrics is not None else None
-            self.router.finish(ticket, chunk.num_cached_tokens, prefill_s)
+            realized = chunk.num_cached_tokens
+            d = chunk.disagg
+            if d is not None:
+                realized = max(0, realized - d.num_imported_tokens) + d.num_remote_cached_tokens
+                self.router.observe_transfer(d.num_bytes, d.transfer_s)
+            else:
+                computed = chunk.num_prompt_tokens - chunk.num_cached_tokens
+                self.router.observe_prefill(computed, prefill_s)
+            self.router.finish(ticket, realized, prefill_s)
         return chunk
 
     def _close_ticket(self, ticket: RouteTicket, last: GenerateChunk | None) -> None:

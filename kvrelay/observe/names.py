@@ -12,6 +12,7 @@ LABEL_MODEL = "model"
 LABEL_WORKER = "worker"
 LABEL_ROLE = "role"
 LABEL_WORKLOAD = "workload"
+LABEL_REASON = "reason"  # a placement decision's reason: the fixed set router.placement.REASONS
 
 # -- frontend: requests -----------------------------------------------------------------------
 # Generation requests received (completions + chat), before validation.
@@ -66,6 +67,8 @@ WORKER_PREFIX_QUERY_TOKENS_TOTAL = "kvrelay_worker_prefix_query_tokens_total"
 WORKER_PREFIX_HIT_TOKENS_TOTAL = "kvrelay_worker_prefix_hit_tokens_total"
 # Requests the worker preempted (recomputed later) for lack of KV memory.
 WORKER_PREEMPTIONS_TOTAL = "kvrelay_worker_preemptions_total"
+# Prefill role: prompt tokens of the remote prefills the worker is running (its queue depth).
+WORKER_QUEUED_PREFILL_TOKENS = "kvrelay_worker_queued_prefill_tokens"
 
 # -- hit-rate ledger (per request, token-weighted; take ratios of two rate()s) ----------------
 # Requests whose funnel the ledger recorded (routed, prefill finished).
@@ -104,3 +107,17 @@ ROUTER_KV_EVENT_BATCHES_TOTAL = "kvrelay_router_kv_event_batches_total"
 ROUTER_KV_DUMPS_TOTAL = "kvrelay_router_kv_dumps_total"
 # KV blocks the router's index says a worker caches.
 ROUTER_INDEXED_BLOCKS = "kvrelay_router_indexed_blocks"
+
+# -- disaggregation (frontend: placement; decode workers' reports of each transfer) ------------
+# Placement decisions for requests on decode workers, by reason (remote_faster / forced: remote).
+DISAGG_PLACEMENT_DECISIONS_TOTAL = "kvrelay_disagg_placement_decisions_total"
+# Remote prefills that ended (imported in full, or fell back), per prefill worker.
+DISAGG_TRANSFERS_TOTAL = "kvrelay_disagg_transfers_total"
+# KV payload bytes the decode workers imported from a prefill worker.
+DISAGG_TRANSFER_BYTES_TOTAL = "kvrelay_disagg_transfer_bytes_total"
+# Wall seconds of remote prefills, request to last import (bandwidth: rate(bytes) / rate(seconds)).
+DISAGG_TRANSFER_SECONDS_TOTAL = "kvrelay_disagg_transfer_seconds_total"
+# Per remote prefill: bytes imported / its wall seconds (compute on the prefill side included).
+DISAGG_TRANSFER_BANDWIDTH_BYTES_PER_SECOND = "kvrelay_disagg_transfer_bandwidth_bytes_per_second"
+# Remote prefills that failed or timed out; the decode worker prefilled the rest locally.
+DISAGG_FALLBACKS_TOTAL = "kvrelay_disagg_fallbacks_total"

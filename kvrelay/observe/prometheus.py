@@ -42,6 +42,8 @@ class RouterWorkerSample(NamedTuple):
 
 
 RouterSource = Callable[[], Iterable[RouterWorkerSample]]
+PlacementSource = Callable[[], Iterable[tuple[str, str, int]]]  # (model, reason, count)
+BANDWIDTH_BUCKETS = tuple(float(x) for x in (1e7, 3e7, 1e8, 3e8, 1e9, 2e9, 4e9, 8e9, 16e9))
 
 
 class MetricSpec(NamedTuple):
@@ -54,6 +56,7 @@ _M = (n.LABEL_MODEL,)
 _MW = (n.LABEL_MODEL, n.LABEL_WORKER)
 _MWL = (n.LABEL_MODEL, n.LABEL_WORKLOAD)
 _MWW = (n.LABEL_MODEL, n.LABEL_WORKER, n.LABEL_WORKLOAD)
+_MR = (n.LABEL_MODEL, n.LABEL_REASON)
 _LEDGER_COUNTERS = (
     n.LEDGER_REQUESTS_TOTAL,
     n.LEDGER_PROMPT_TOKENS_TOTAL,
@@ -74,6 +77,11 @@ _WORKER_GAUGES = (  # (name, help, LoadReport attribute)
     (n.WORKER_KV_BLOCKS, "KV blocks in the cache.", "num_kv_blocks"),
     (n.WORKER_KV_FREE_BLOCKS, "KV blocks free.", "num_free_blocks"),
     (n.WORKER_KV_USAGE, "Fraction of KV blocks in use.", "kv_usage"),
+    (
+        n.WORKER_QUEUED_PREFILL_TOKENS,
+        "Prompt tokens of remote prefills running.",
+        "num_queued_prefill_tokens",
+    ),
 )
 _WORKER_COUNTERS = (
     (
@@ -113,6 +121,12 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(n.ROUTER_KV_EVENT_BATCHES_TOTAL, "counter", _MW),
     MetricSpec(n.ROUTER_KV_DUMPS_TOTAL, "counter", _MW),
     MetricSpec(n.ROUTER_INDEXED_BLOCKS, "gauge", _MW),
+    MetricSpec(n.DISAGG_PLACEMENT_DECISIONS_TOTAL, "counter", _MR),
+    MetricSpec(n.DISAGG_TRANSFERS_TOTAL, "counter", _MW),
+    MetricSpec(n.DISAGG_TRANSFER_BYTES_TOTAL, "counter", _MW),
+    MetricSpec(n.DISAGG_TRANSFER_SECONDS_TOTAL, "counter", _MW),
+    MetricSpec(n.DISAGG_TRANSFER_BANDWIDTH_BYTES_PER_SECOND, "histogram", _M),
+    MetricSpec(n.DISAGG_FALLBACKS_TOTAL, "counter", _MW),
 )
 
 
@@ -191,6 +205,21 @@ class _RouterCollector(Collector):
         yield from (batches, dumps, indexed)
 
 
+class _PlacementCollector(Collector):
+    def __init__(self, source: PlacementSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            n.DISAGG_PLACEMENT_DECISIONS_TOTAL.removesuffix("_total"),
+            "Placement decisions by reason.",
+            labels=list(_MR),
+        )
+        for model, reason, count in self._source():
+            family.add_metric([model, reason], count)
+        yield family
+
+
 class ServingMetrics:
     """The frontend's metrics. Call the `on_*` methods; serve `render()` at /metrics."""
 
@@ -199,6 +228,7 @@ class ServingMetrics:
         load_source: LoadSource | None = None,
         ledger_source: LedgerSource | None = None,
         router_source: RouterSource | None = None,
+        placement_source: PlacementSource | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -227,13 +257,47 @@ class ServingMetrics:
             )
         }
         self._add_request_histograms()
+        self._add_disagg_metrics()
         for collector in (
             _WorkerCollector(load_source) if load_source is not None else None,
             _LedgerCollector(ledger_source) if ledger_source is not None else None,
             _RouterCollector(router_source) if router_source is not None else None,
+            _PlacementCollector(placement_source) if placement_source is not None else None,
         ):
             if collector is not None:
                 r.register(collector)
+
+    def _add_disagg_metrics(self) -> None:
+        r, mw = self.registry, list(_MW)
+        self.transfers = Counter(n.DISAGG_TRANSFERS_TOTAL, "Remote prefills.", mw, registry=r)
+        self.transfer_bytes = Counter(
+            n.DISAGG_TRANSFER_BYTES_TOTAL, "KV bytes imported.", mw, registry=r
+        )
+        self.transfer_seconds = Counter(
+            n.DISAGG_TRANSFER_SECONDS_TOTAL, "Remote prefill seconds.", mw, registry=r
+        )
+        self.fallbacks = Counter(
+            n.DISAGG_FALLBACKS_TOTAL, "Remote prefills fallen back.", mw, registry=r
+        )
+        self.bandwidth = Histogram(
+            n.DISAGG_TRANSFER_BANDWIDTH_BYTES_PER_SECOND,
+            "Per remote prefill: bytes / seconds.",
+            list(_M),
+            buckets=BANDWIDTH_BUCKETS,
+            registry=r,
+        )
+
+    def on_transfer(
+        self, model: str, prefill_worker: str, num_bytes: int, seconds: float, fallback: bool
+    ) -> None:
+        """One remote prefill ended (as the decode worker reported it)."""
+        self.transfers.labels(model, prefill_worker).inc()
+        self.transfer_bytes.labels(model, prefill_worker).inc(num_bytes)
+        self.transfer_seconds.labels(model, prefill_worker).inc(seconds)
+        if fallback:
+            self.fallbacks.labels(model, prefill_worker).inc()
+        if seconds > 0 and num_bytes > 0:
+            self.bandwidth.labels(model).observe(num_bytes / seconds)
 
     def _add_request_histograms(self) -> None:
         r, mwl = self.registry, list(_MWL)

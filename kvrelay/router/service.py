@@ -37,6 +37,7 @@ from kvrelay.kv.prefix_index import ApplyResult, ApplyStatus, PrefixIndex
 from kvrelay.observe.ledger import HitLedger, LedgerRow, MetricSample
 from kvrelay.observe.ledger_inputs import WorkloadLabels
 from kvrelay.protocol import WorkerInfo
+from kvrelay.router.placement import Placement, PlacementInput, PrefillCandidate, place
 from kvrelay.router.policy import RouterPolicy
 from kvrelay.router.state import RouterState
 from kvrelay.router.ticket import RouterConfig, RouteTicket, WorkerEventStats
@@ -80,6 +81,9 @@ class RouterService:
         self._dumps: dict[str, asyncio.Task[None]] = {}
         self._sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # measured rates for the placement rule (EWMA; the config's priors until measured)
+        self.prefill_tokens_per_s = self.config.placement.prefill_tokens_per_s
+        self.transfer_bytes_per_s = self.config.placement.transfer_bytes_per_s
         watcher.add_listener(self.on_worker_change)
 
     @property
@@ -313,6 +317,56 @@ class RouterService:
                 f"{', '.join(refused)}; restart them with the same --block-size"
             )
         return f"no worker of {model!r} has joined the router yet; retry shortly"
+
+    def place(
+        self,
+        ticket: RouteTicket,
+        prefill_workers: Sequence[WorkerInfo],
+        queued_tokens: Callable[[str], int],
+        kv_bytes_per_block: int,
+    ) -> Placement:
+        """Local or remote prefill for a routed ticket (`router.placement.place`), with the
+        index's overlaps for the decode worker and each prefill worker; kept on the ticket."""
+        decision = ticket.decision
+        assert decision is not None, "place() after route()"
+        model = self._models[ticket.model]
+        bs = model.block_size
+        overlaps = model.state.overlap(ticket.block_hashes)
+        candidates = [
+            PrefillCandidate(
+                w.worker_id, overlaps.get(w.worker_id, 0) * bs, queued_tokens(w.worker_id)
+            )
+            for w in prefill_workers
+            if w.worker_id in self._stats and self._stats[w.worker_id].routable
+        ]
+        load = model.state.load(decision.worker_id)  # includes this request's own prefill
+        own_blocks = decision.num_prompt_blocks - decision.num_predicted_blocks
+        num_tokens = len(ticket.prompt_token_ids)
+        inp = PlacementInput(
+            num_prompt_tokens=num_tokens,
+            block_size=bs,
+            num_decode_cached_tokens=decision.num_predicted_blocks * bs,
+            num_decode_queued_tokens=max(0, load.num_queued_prefill_blocks - own_blocks) * bs,
+            kv_bytes_per_block=kv_bytes_per_block,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            transfer_bytes_per_s=self.transfer_bytes_per_s,
+            candidates=candidates,
+        )
+        ticket.placement = place(inp, self.config.placement)
+        return ticket.placement
+
+    def observe_transfer(self, num_bytes: int, seconds: float) -> None:
+        """A finished remote prefill's transfer (bytes over its wall time): the bandwidth
+        estimate placement uses (EWMA)."""
+        if num_bytes > 0 and seconds > 0:
+            rate = num_bytes / seconds
+            self.transfer_bytes_per_s = 0.8 * self.transfer_bytes_per_s + 0.2 * rate
+
+    def observe_prefill(self, num_computed_tokens: int, prefill_s: float | None) -> None:
+        """A local prefill's speed (tokens computed over the engine's prefill time; EWMA)."""
+        if prefill_s and prefill_s > 0 and num_computed_tokens >= 64:
+            rate = num_computed_tokens / prefill_s
+            self.prefill_tokens_per_s = 0.8 * self.prefill_tokens_per_s + 0.2 * rate
 
     def on_first_token(self, ticket: RouteTicket) -> None:
         """Prefill done on the chosen worker: its queued prefill becomes decode load."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kvrelay.observe.ledger import LedgerRow, Prediction
 from kvrelay.observe.ledger_inputs import DEFAULT_MAX_WORKLOADS, DEFAULT_SEEN_CAPACITY_BLOCKS
+from kvrelay.router.placement import Placement, PlacementConfig
 from kvrelay.router.policy import PolicyConfig, RouterPolicy, RoutingDecision
 
 
@@ -27,6 +28,7 @@ class RouterConfig:
     seed: int | None = None  # random / softmax choices; None: nondeterministic
     seen_capacity_blocks: int = DEFAULT_SEEN_CAPACITY_BLOCKS
     max_workloads: int = DEFAULT_MAX_WORKLOADS
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
 
 @dataclass
@@ -65,3 +67,4 @@ class RouteTicket:
     prediction: Prediction | None = None
     row: LedgerRow | None = None
     first_token: bool = False
+    placement: Placement | None = None  # local or remote prefill (decode workers only)

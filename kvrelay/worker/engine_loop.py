@@ -94,6 +94,21 @@ class _Dump:
     result: asyncio.Future[KVEventBatch]
 
 
+@dataclass
+class _Call:
+    """Run `fn(engine)` on the engine thread between two steps (KV import, prefill jobs)."""
+
+    fn: Callable[[Any], Any]
+    result: asyncio.Future[Any]
+
+
+@dataclass
+class _AddPrefill:
+    request_id: str
+    add: Callable[[Any], Any]  # fn(engine): calls add_prefill_request
+    exports: asyncio.Queue[Any]  # KVExport items, or one WireError
+
+
 def error_kind(exc: BaseException) -> str:
     """The WireError kind for an exception raised by `add_request`."""
     if isinstance(exc, PromptTooLongError | OutOfKVMemoryError):
@@ -117,8 +132,11 @@ class EngineLoop:
         self.engine = engine
         self._loop = loop
         self._on_kv_events = on_kv_events
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Dump] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Dump | _Call | _AddPrefill] = (
+            queue.SimpleQueue()
+        )
         self._outputs: dict[str, asyncio.Queue[Item]] = {}  # engine thread only
+        self._exports: dict[str, asyncio.Queue[Any]] = {}  # prefill jobs; engine thread only
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._stats = LoopStats()
@@ -146,6 +164,19 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (no-op when it already finished)."""
         self._commands.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(engine)` on the engine thread between two steps; its result or exception."""
+        result: asyncio.Future[Any] = self._loop.create_future()
+        self._commands.put(_Call(fn, result))
+        return await result
+
+    def submit_prefill(self, request_id: str, add: Callable[[Any], Any]) -> asyncio.Queue[Any]:
+        """Start a prefill-only request (`add(engine)` calls `add_prefill_request`); its
+        `KVExport`s (the last with done=True), or one WireError, arrive on the queue."""
+        exports: asyncio.Queue[Any] = asyncio.Queue()
+        self._commands.put(_AddPrefill(request_id, add, exports))
+        return exports
 
     async def kv_dump(self) -> KVEventBatch:
         """A full dump of the engine's cached blocks, taken on the engine thread between two
@@ -181,6 +212,10 @@ class EngineLoop:
                 self._add(command)
             elif isinstance(command, _Dump):
                 self._dump(command.result)
+            elif isinstance(command, _Call):
+                self._run_call(command)
+            elif isinstance(command, _AddPrefill):
+                self._add_prefill(command)
             else:
                 self._abort(command.request_id)
             try:
@@ -203,6 +238,40 @@ class EngineLoop:
             return
         self._outputs[req.request_id] = command.outputs
 
+    def _run_call(self, command: _Call) -> None:
+        try:
+            value = command.fn(self.engine)
+        except Exception as exc:
+            self._call_soon(_settle_any, command.result, None, exc)
+            return
+        self._call_soon(_settle_any, command.result, value, None)
+
+    def _add_prefill(self, command: _AddPrefill) -> None:
+        try:
+            command.add(self.engine)
+        except Exception as exc:
+            if error_kind(exc) == "internal":
+                logger.exception("add_prefill_request failed for %s", command.request_id)
+            error = WireError(kind=error_kind(exc), message=str(exc))
+            self._call_soon(command.exports.put_nowait, error)
+            return
+        self._exports[command.request_id] = command.exports
+        self._dispatch_exports()
+
+    def _dispatch_exports(self) -> None:
+        if not self._exports:
+            return
+        take: Callable[[], list[Any]] = getattr(self.engine, "take_kv_exports")  # noqa: B009
+        for export in take():
+            target = self._exports.get(export.request_id)
+            if target is None:
+                if export.run is not None:
+                    export.run.release()
+                continue
+            if export.done or export.run is None:
+                del self._exports[export.request_id]
+            self._call_soon(target.put_nowait, export)
+
     def _dump(self, result: asyncio.Future[KVEventBatch]) -> None:
         try:
             batch = self.engine.kv_dump()
@@ -213,7 +282,8 @@ class EngineLoop:
         self._call_soon(_settle, result, batch, None)
 
     def _abort(self, request_id: str) -> None:
-        if self._outputs.pop(request_id, None) is not None:
+        job = self._exports.pop(request_id, None) is not None
+        if self._outputs.pop(request_id, None) is not None or job:
             self.engine.abort_request(request_id)
             logger.debug("aborted %s", request_id)
 
@@ -230,8 +300,15 @@ class EngineLoop:
                 self._finish_with_error(
                     request_id, WireError(kind="internal", message=f"engine step failed: {exc}")
                 )
+            for request_id, job in list(self._exports.items()):
+                with contextlib.suppress(Exception):
+                    self.engine.abort_request(request_id)
+                error = WireError(kind="internal", message=f"engine step failed: {exc}")
+                self._call_soon(job.put_nowait, error)
+            self._exports.clear()
             return
         self._num_steps += 1
+        self._dispatch_exports()
         for out in outputs:
             target = self._outputs.get(out.request_id)
             if target is None:
@@ -262,10 +339,19 @@ class EngineLoop:
             num_prefix_query_tokens=prefix.num_query_tokens,
             num_prefix_hit_tokens=prefix.num_hit_tokens,
             num_preempted=prefix.num_preempted,
-            num_inflight=len(self._outputs),
+            num_inflight=len(self._outputs) + len(self._exports),
             num_steps=self._num_steps,
             last_kv_event_id=self._last_kv_event_id,
         )
+
+
+def _settle_any(future: asyncio.Future[Any], value: Any, exc: Exception | None) -> None:
+    if future.done():  # the caller gave up
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
 
 
 def _settle(

@@ -19,14 +19,13 @@ from typing import Any
 
 from kvrelay.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
 from kvrelay.errors import KvRelayError
-from kvrelay.protocol import ROLE_AGGREGATED
+from kvrelay.kv.tcp_transport import TcpTransport
+from kvrelay.protocol import ROLE_AGGREGATED, ROLES
 from kvrelay.runtime import make_runtime
 from kvrelay.worker.engine_loop import EngineLike
 from kvrelay.worker.service import WorkerIdentity, WorkerService
 
 logger = logging.getLogger(__name__)
-
-ROLES = (ROLE_AGGREGATED,)  # prefill / decode arrive with disaggregation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf file or HF dir")
     p.add_argument("--served-model-name", default=None, help="name clients use (default: model's)")
     p.add_argument("--role", default=ROLE_AGGREGATED, choices=ROLES)
+    p.add_argument(
+        "--transfer-host",
+        default="127.0.0.1",
+        help="interface the KV transfer plane listens on (prefill / decode roles); "
+        "use an address peers on other hosts can reach",
+    )
     p.add_argument("--worker-id", default=None, help="stable id (default: worker-<pid>)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
@@ -102,7 +107,13 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(
             _serve(
-                url, engine, identity, engine.model.tokenizer, args.drain_timeout, args.parent_pid
+                url,
+                engine,
+                identity,
+                engine.model.tokenizer,
+                args.drain_timeout,
+                args.parent_pid,
+                None if args.role == ROLE_AGGREGATED else args.transfer_host,
             )
         )
     except KvRelayError as exc:
@@ -118,10 +129,12 @@ async def _serve(
     tokenizer: Any,
     drain_s: float,
     parent_pid: int | None,
+    transfer_host: str | None = None,
 ) -> None:
     runtime = make_runtime(url, name=identity.worker_id)
     await runtime.start()
-    service = WorkerService(runtime, engine, identity, tokenizer)
+    transport = None if transfer_host is None else TcpTransport(host=transfer_host)
+    service = WorkerService(runtime, engine, identity, tokenizer, transport=transport)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)

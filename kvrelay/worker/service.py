@@ -1,7 +1,9 @@
 """Worker service: one engine behind the runtime.
 
 Owns: `WorkerService` — registers the worker (model, role, block size, KV capacity,
-address), serves the `generate` / `stats` / `model_card` / `kv_dump` endpoints, publishes KV
+address, KV transfer address), serves the `generate` / `prefill` / `stats` / `model_card` /
+`kv_dump` endpoints (a decode worker runs a request's remote prefill first, a prefill worker
+streams KV: `worker/disagg.py`), publishes KV
 events (unless disabled) and load reports on the event plane, aborts a request (freeing its
 blocks) when its caller goes away, and drains on shutdown. Imports runtime, protocol, kv and
 the engine loop; must not import the frontend or the HTTP framework.
@@ -25,12 +27,17 @@ import msgspec
 
 from kvrelay.errors import InvalidRequestError, PeerUnavailableError
 from kvrelay.kv.events import KVEventBatch, encode_batch
+from kvrelay.kv.transfer import KVLayout, Transport
 from kvrelay.protocol import (
     ROLE_AGGREGATED,
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    DisaggInfo,
     GenerateChunk,
     GenerateRequest,
     LoadReport,
     ModelCard,
+    PrefillRequest,
     RequestOutput,
     WireError,
     WorkerInfo,
@@ -45,6 +52,7 @@ from kvrelay.runtime.base import (
     load_subject,
 )
 from kvrelay.runtime.discovery import DEFAULT_HEARTBEAT_S, Registrar
+from kvrelay.worker.disagg import ENDPOINT_PREFILL, fetch_remote_prefill, serve_prefill
 from kvrelay.worker.engine_loop import EngineLike, EngineLoop
 
 logger = logging.getLogger(__name__)
@@ -73,8 +81,13 @@ class WorkerService:
         identity: WorkerIdentity,
         tokenizer: Any = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        transport: Transport | None = None,
     ) -> None:
         self.runtime = runtime
+        self.transport = transport  # KV transfer plane: prefill and decode roles
+        self.transfer_address = ""
+        self._layout: KVLayout | None = None
+        self._queued_prefill_tokens = 0
         self.engine = engine
         self.identity = identity
         self.tokenizer = tokenizer
@@ -92,6 +105,13 @@ class WorkerService:
         self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), self._kv_batches.put_nowait)
         self.loop.start()
         address = await self.runtime.serve(self.identity.worker_id, self.handle)
+        bytes_per_block = 0
+        if self.transport is not None:
+            self.transfer_address = await self.transport.start()
+            kv_layout = getattr(self.engine, "kv_layout", None)
+            if kv_layout is not None:
+                self._layout = kv_layout()
+                bytes_per_block = self._layout.bytes_per_block
         info = WorkerInfo(
             worker_id=self.identity.worker_id,
             instance_id=self.instance_id,
@@ -104,6 +124,8 @@ class WorkerService:
             pid=os.getpid(),
             started_at=time.time(),
             kv_events=self.identity.kv_events,
+            transfer_address=self.transfer_address,
+            kv_bytes_per_block=bytes_per_block,
         )
         self._tasks = [
             asyncio.create_task(self._publish_kv_events()),
@@ -142,6 +164,8 @@ class WorkerService:
             task.cancel()
         if self.loop is not None:
             self.loop.stop()
+        if self.transport is not None:
+            await self.transport.close()
         await self.runtime.close()
 
     def _num_inflight(self) -> int:
@@ -151,6 +175,9 @@ class WorkerService:
     async def handle(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
         if endpoint == ENDPOINT_GENERATE:
             async for frame in self._generate(payload):
+                yield frame
+        elif endpoint == ENDPOINT_PREFILL:
+            async for frame in self._prefill(payload):
                 yield frame
         elif endpoint == ENDPOINT_STATS:
             yield msgspec.msgpack.encode(self.load_report())
@@ -164,6 +191,23 @@ class WorkerService:
                 yield dump[start : start + PIECE_BYTES]
         else:
             raise ValueError(f"unknown endpoint {endpoint!r}")
+
+    async def _prefill(self, payload: bytes) -> AsyncGenerator[bytes, None]:
+        if self.identity.role != ROLE_PREFILL or self.transport is None or self._layout is None:
+            raise InvalidRequestError(f"{self.identity.worker_id} is not a prefill worker")
+        assert self.loop is not None
+        num_tokens = 0  # the queue depth counts the tokens of the blocks asked for
+        with contextlib.suppress(msgspec.DecodeError):
+            ask = msgspec.msgpack.decode(payload, type=PrefillRequest)
+            num_tokens = len(ask.block_hashes) * self.identity.block_size
+        self._queued_prefill_tokens += num_tokens
+        try:
+            async for frame in serve_prefill(
+                self.loop, self.transport, self._layout, self.identity.worker_id, payload
+            ):
+                yield frame
+        finally:
+            self._queued_prefill_tokens -= num_tokens
 
     async def _kv_dump(self) -> bytes:
         """The engine's cached blocks as one encoded full-dump batch."""
@@ -185,6 +229,7 @@ class WorkerService:
             error = WireError(kind="draining", message=f"{self.identity.worker_id} is stopping")
             yield self._error_chunk(request.request_id, error)
             return
+        disagg = await self._remote_prefill(request)
         outputs = self.loop.submit(request)
         finished = False
         num_sent = 0
@@ -199,11 +244,24 @@ class WorkerService:
                     return
                 finished = item.finished
                 chunk = self._chunk(item, num_sent)
+                if finished:
+                    chunk.disagg = disagg
                 num_sent = len(item.output_token_ids)
                 yield msgspec.msgpack.encode(chunk)
         finally:
             if not finished:  # the caller went away (disconnect, stop string, cancel)
                 self.loop.abort(request.request_id)
+
+    async def _remote_prefill(self, request: GenerateRequest) -> DisaggInfo | None:
+        """Decode role: import the prompt's KV from the named prefill worker first."""
+        if request.remote_prefill is None or self.transport is None:
+            return None
+        if self.identity.role != ROLE_DECODE:
+            return None
+        assert self.loop is not None
+        return await fetch_remote_prefill(
+            self.loop, self.runtime, self.transport, self.transfer_address, request
+        )
 
     def _chunk(self, out: RequestOutput, num_sent: int) -> GenerateChunk:
         return GenerateChunk(
@@ -242,6 +300,7 @@ class WorkerService:
             num_preempted=s.num_preempted,
             num_inflight=s.num_inflight,
             last_kv_event_id=s.last_kv_event_id,
+            num_queued_prefill_tokens=self._queued_prefill_tokens,
         )
 
     def model_card_bytes(self) -> bytes:

@@ -17,7 +17,13 @@ from kvrelay.router.policy import PolicyConfig
 from kvrelay.router.state import RouterState
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
-ALLOWED_LABELS = {names.LABEL_MODEL, names.LABEL_WORKER, names.LABEL_ROLE, names.LABEL_WORKLOAD}
+ALLOWED_LABELS = {
+    names.LABEL_MODEL,
+    names.LABEL_WORKER,
+    names.LABEL_ROLE,
+    names.LABEL_WORKLOAD,
+    names.LABEL_REASON,
+}
 
 
 def test_the_page_is_generated_from_names_py() -> None:
@@ -56,6 +62,7 @@ def populated_metrics() -> ServingMetrics:
         lambda: [("m", report)],
         ledger.metric_samples,
         lambda: [RouterWorkerSample("m", "w0", 3, 1, 2)],
+        lambda: [("m", "forced", 1)],
     )
     metrics.on_request("m")
     metrics.on_done("m", "failed", 0.5)
@@ -66,6 +73,7 @@ def populated_metrics() -> ServingMetrics:
     metrics.on_inter_token("m", "default", [0.01, 0.02])
     metrics.on_engine_times("m", 0.0, 0.1, 0.2)
     metrics.on_ledger_row(row)
+    metrics.on_transfer("m", "w0", 1 << 20, 0.01, True)
     return metrics
 
 
