@@ -34,7 +34,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.tiny_models / tiny_tokenizer
 
 from kvrelay.bench.kv_transfer import TransferBenchConfig, run_transfer_benchmark  # noqa: E402
+from kvrelay.bench.serve_proc import running_serve  # noqa: E402
 
 MODEL = "tiny-llama"
 # Azure 2023 code trace quantiles (README of /work/shared/traces): (p50, p90)
@@ -96,9 +96,6 @@ def make_model(tmp: Path) -> Path:
 @contextlib.contextmanager
 def serve(model: Path, extra: list[str], num_kv_blocks: int) -> Iterator[str]:
     cmd = [
-        sys.executable,
-        "-m",
-        "kvrelay.launch",
         "--model",
         str(model),
         "--served-model-name",
@@ -113,22 +110,8 @@ def serve(model: Path, extra: list[str], num_kv_blocks: int) -> Iterator[str]:
         "WARNING",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        url = ""
-        for raw in proc.stdout:
-            line = raw.decode()
-            if line.startswith("kvrelay: serving"):
-                url = line.split(" at ")[1].split("/v1")[0]
-            if line.startswith("kvrelay: ready") and url:
-                break
-        if not url:
-            raise RuntimeError("kvrelay serve did not start")
+    with running_serve(cmd, cwd=ROOT) as url:
         yield url
-    finally:
-        proc.send_signal(2)
-        proc.wait(60)
 
 
 async def one_request(

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # for tests.tiny_models / tiny_tokenizer
 
 from kvrelay.bench.client import LoadConfig, run_load_sync  # noqa: E402
 from kvrelay.bench.results import RequestResult  # noqa: E402
+from kvrelay.bench.serve_proc import running_serve  # noqa: E402
 from kvrelay.bench.workloads.code_sessions import (  # noqa: E402
     CodeSessionsOptions,
     CodeSessionsWorkload,
@@ -82,9 +82,6 @@ def workload(args: argparse.Namespace) -> CodeSessionsWorkload:
 @contextlib.contextmanager
 def serve(model: Path, policy: str, args: argparse.Namespace) -> Iterator[str]:
     cmd = [
-        sys.executable,
-        "-m",
-        "kvrelay.launch",
         "--model",
         str(model),
         "--port",
@@ -104,22 +101,8 @@ def serve(model: Path, policy: str, args: argparse.Namespace) -> Iterator[str]:
         "--log-level",
         "WARNING",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        url = ""
-        for raw in proc.stdout:
-            line = raw.decode()
-            if line.startswith("kvrelay: serving"):
-                url = line.split(" at ")[1].split("/v1")[0]
-            if line.startswith("kvrelay: ready") and url:
-                break
-        if not url:
-            raise RuntimeError("kvrelay serve did not start")
+    with running_serve(cmd, cwd=ROOT) as url:
         yield url
-    finally:
-        proc.send_signal(2)
-        proc.wait(60)
 
 
 def percentile(values: list[float], q: float) -> float:

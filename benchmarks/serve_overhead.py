@@ -23,7 +23,6 @@ import contextlib
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.tiny_models / tiny_tokenizer / nats_server
+from kvrelay.bench.serve_proc import running_serve  # noqa: E402
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
@@ -90,9 +90,6 @@ def engine_floor(model: Path, num_requests: int) -> list[float]:
 def serve(model: Path, runtime: str, workers: int) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         args = [
-            sys.executable,
-            "-m",
-            "kvrelay.launch",
             "--model",
             str(model),
             "--port",
@@ -112,20 +109,7 @@ def serve(model: Path, runtime: str, workers: int) -> Iterator[str]:
             from tests.nats_server import running_nats_server
 
             args += ["--nats", stack.enter_context(running_nats_server())]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, cwd=ROOT)
-        stack.callback(proc.wait, 30)
-        stack.callback(proc.send_signal, 2)
-        assert proc.stdout is not None
-        url = ""
-        for raw in proc.stdout:
-            line = raw.decode()
-            if line.startswith("kvrelay: serving"):
-                url = line.split(" at ")[1].split("/v1")[0]
-            if line.startswith("kvrelay: ready") and url:
-                break
-        if not url:
-            raise RuntimeError("kvrelay serve did not start")
-        yield url
+        yield stack.enter_context(running_serve(args, cwd=ROOT))
 
 
 async def sequential(url: str, num_requests: int) -> tuple[list[float], list[float]]:
