@@ -80,10 +80,7 @@ class AgentWorkload:
     ) -> None:
         self.options = options or AgentOptions()
         self.seed = seed
-        if corpus is None:
-            root = self.options.corpus
-            corpus = CodeCorpus(Path(root)) if root else CodeCorpus.default()
-        self.corpus = corpus
+        self.corpus = corpus if corpus is not None else CodeCorpus.from_option(self.options.corpus)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -61,6 +61,11 @@ class CodeCorpus:
         """The Python standard library of the running interpreter."""
         return cls(Path(sysconfig.get_paths()["stdlib"]))
 
+    @classmethod
+    def from_option(cls, root: str | None) -> CodeCorpus:
+        """The directory a workload's `corpus` option names, or the default corpus."""
+        return cls(Path(root)) if root else cls.default()
+
     @cached_property
     def repos(self) -> dict[str, tuple[str, ...]]:
         """Directory (relative, '.' for the root) -> its eligible files, both sorted."""

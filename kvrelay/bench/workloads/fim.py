@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from kvrelay.bench.workloads.base import (
@@ -60,10 +59,7 @@ class FimWorkload:
     ) -> None:
         self.options = options or FimOptions()
         self.seed = seed
-        if corpus is None:
-            root = self.options.corpus
-            corpus = CodeCorpus(Path(root)) if root else CodeCorpus.default()
-        self.corpus = corpus
+        self.corpus = corpus if corpus is not None else CodeCorpus.from_option(self.options.corpus)
         self._contexts: dict[str, str] = {}
 
     def describe(self) -> dict[str, Any]:
