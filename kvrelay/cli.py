@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from kvrelay.config import DEFAULT_MODEL, default_openmp_to_passive_waits
+from kvrelay.config import DEFAULT_MODEL, default_openmp_waits
 from kvrelay.errors import KvRelayError
 
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_openmp_to_passive_waits()
+    default_openmp_waits()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -23,13 +23,36 @@ def weight_cache_dir() -> Path:
     return Path(base) / "kvrelay" / "weights"
 
 
-def default_openmp_to_passive_waits() -> None:
-    """Make idle OpenMP threads sleep instead of spin unless the user chose otherwise.
+def kernel_cache_dir() -> Path:
+    """Where CPU kernels compiled for this host are kept: inside the weight cache."""
+    return weight_cache_dir() / "kernels"
 
-    Spinning threads collapse throughput when the machine is shared (2 threads on 2 busy
-    cores measured 2 tok/s vs 18 with 1). Must run before torch is imported.
+
+def cpu_kernels_enabled() -> bool:
+    """KVRELAY_CPU_KERNELS=0 turns off kvrelay's compiled CPU kernels (oneDNN is used)."""
+    return os.environ.get("KVRELAY_CPU_KERNELS", "1") != "0"
+
+
+# Idle OpenMP threads spin about 0.1 ms, then sleep: awake between the matmuls of one step
+# (tens of microseconds apart), asleep between steps. libgomp reads GOMP_SPINCOUNT (about
+# 100k spins per ms), LLVM/Intel OpenMP KMP_BLOCKTIME (ms).
+OPENMP_WAIT_DEFAULTS = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+
+
+def default_openmp_waits() -> None:
+    """Bound how long idle OpenMP threads spin unless the user chose (OMP_WAIT_POLICY or the
+    variables above). Must run before torch is imported.
+
+    libgomp's default 3 ms spin collapses throughput on a shared machine (2 threads on 2 busy
+    cores measured 2 tok/s vs 18 with 1); sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a
+    wake-up per matmul: batch-1 decode 40 vs 51 tok/s, throughput 67 vs 76 tok/s with the
+    default model (benchmarks/engine_vs_peers.py). With both cores busy the bounded spin
+    measured as fast as PASSIVE.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    for name, value in OPENMP_WAIT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrelay.bench.engine_suite import Gen, Workload, run_suite
-from kvrelay.config import weight_cache_dir
+from kvrelay.config import OPENMP_WAIT_DEFAULTS, weight_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ _VLLM_ENV_KEYS = (
     "VLLM_CPU_OMP_THREADS_BIND",
     "OMP_NUM_THREADS",
     "OMP_WAIT_POLICY",
+    *OPENMP_WAIT_DEFAULTS,
 )
 _WORKER_CODE = (
     "import sys; from kvrelay.bench.engine_peers import vllm_worker_main; "

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvrelay.engine.models.config import ModelArchConfig
+from kvrelay.engine.models.cpu_linear import LinearFn, native_linear
 from kvrelay.errors import CorruptModelError, ModelLoadError
 
 # Buffers some older checkpoints carry; recomputed here, so ignored when present.
@@ -85,13 +86,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(is_medium, smoothed, scaled)
 
 
-LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
 def pick_linear(dtype: torch.dtype, device: torch.device) -> LinearFn:
-    """The matmul for the projections. On CPU in float32 oneDNN's linear is about 2x faster
-    than F.linear's MKL path on the AMD CPUs we run on (benchmarks/engine_vs_peers.py), with
-    results equal up to fp32 rounding; everywhere else (GPU, float64 tests) F.linear."""
+    """The matmul for the projections. On CPU in float32: kvrelay's compiled kernel for the
+    few-row inputs of decoding (cpu_linear.py) and oneDNN's linear for the rest, which is
+    about 2x faster than F.linear's MKL path on the AMD CPUs we run on
+    (benchmarks/engine_vs_peers.py); results equal up to fp32 rounding. Everywhere else (GPU,
+    float64 tests) F.linear."""
     onednn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
     if device.type != "cpu" or dtype != torch.float32 or not onednn:
         return F.linear
@@ -100,7 +100,7 @@ def pick_linear(dtype: torch.dtype, device: torch.device) -> LinearFn:
     def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return op(x, w, b, "none", [], "")  # type: ignore[no-any-return]
 
-    return onednn_linear
+    return native_linear(onednn_linear)
 
 
 class LlamaModel:
