@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvrelay.engine.models.config import ModelArchConfig
-from kvrelay.engine.models.cpu_linear import LinearFn, native_linear
+from kvrelay.engine.models.cpu_kernels import LinearFn, native_linear
 from kvrelay.errors import CorruptModelError, ModelLoadError
 
 # Buffers some older checkpoints carry; recomputed here, so ignored when present.
@@ -88,7 +88,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 def pick_linear(dtype: torch.dtype, device: torch.device) -> LinearFn:
     """The matmul for the projections. On CPU in float32: kvrelay's compiled kernel for the
-    few-row inputs of decoding (cpu_linear.py) and oneDNN's linear for the rest, which is
+    few-row inputs of decoding (cpu_kernels.py) and oneDNN's linear for the rest, which is
     about 2x faster than F.linear's MKL path on the AMD CPUs we run on
     (benchmarks/engine_vs_peers.py); results equal up to fp32 rounding. Everywhere else (GPU,
     float64 tests) F.linear."""

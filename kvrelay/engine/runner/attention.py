@@ -12,10 +12,12 @@ inside it each head's tokens are contiguous, so a gathered context is head-major
 position p of a request lives in block block_ids[p // block_size] at offset p % block_size.
 
 The flat batch of a step is ordered decode-first: tokens [0, num_decode) are the single-token
-chunks (decode), attended in groups with one padded gather + one SDPA call per group; the
-multi-token chunks (prefill) follow and are attended one sequence at a time. Decode groups are
-sized so their gathered K/V stays small (about `DECODE_GROUP_BYTES`): the gather then lands in
-CPU cache and SDPA reads it from there instead of from memory.
+chunks (decode); the multi-token chunks (prefill) follow and are attended one sequence at a
+time. In float32 on CPU the decode tokens are attended in one call of kvrelay's compiled
+kernel, which reads their context in place (models/cpu_kernels.py). Elsewhere they are
+attended in groups with one padded gather + one SDPA call per group, sized so the gathered
+K/V stays small (about `DECODE_GROUP_BYTES`): the gather then lands in CPU cache and SDPA
+reads it from there instead of from memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+
+from kvrelay.engine.models.cpu_kernels import DecodeAttentionFn
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,9 @@ class DecodeGroup:
     token_start: int
     num_seqs: int
     block_ids: torch.Tensor  # (num_seqs * max_blocks,) int64 block tables, padded with block 0
-    mask: torch.Tensor  # (num_seqs, 1, 1, max_blocks * block_size) additive 0 / -inf
+    ctx_lens: torch.Tensor  # (num_seqs,) int64 context length, the new token included
+    mask: torch.Tensor | None  # (num_seqs, 1, 1, max_blocks * block_size) additive 0 / -inf;
+    # None when the native kernel attends (it reads ctx_lens)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class AttentionMetadata:
     prefills: tuple[PrefillSeq, ...]
     scale: float
     workspace: GatherWorkspace
+    native_decode: DecodeAttentionFn | None = None  # attends decode groups when set
 
 
 class GatherWorkspace:
@@ -182,10 +189,12 @@ def paged_attention(
     k_cache, v_cache: (num_blocks, num_kv_heads, block_size, head_dim).
     Returns (num_tokens, num_heads, head_dim).
     """
+    if meta.native_decode is not None and not meta.prefills:  # one call stores and attends
+        return meta.native_decode(
+            q, k, v, k_cache, v_cache, _tables(meta.decode[0]), meta.decode[0].ctx_lens, meta.scale
+        )
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
-    if len(meta.decode) == 1 and not meta.prefills:
-        return _decode_attention(q, k_cache, v_cache, meta.decode[0], meta)
     out = torch.empty_like(q)
     for group in meta.decode:
         rows = slice(group.token_start, group.token_start + group.num_seqs)
@@ -206,11 +215,16 @@ def _decode_attention(
     dec: DecodeGroup,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Single-token queries of a group of sequences: one padded gather, one SDPA call.
+    """Single-token queries of a group of sequences: the native kernel, or one padded gather
+    and one SDPA call.
 
     The query heads sharing a KV head are folded into SDPA's query-length axis, which
     avoids expanding K/V per query head. Returns (num_seqs, num_heads, head_dim).
     """
+    if meta.native_decode is not None:
+        return meta.native_decode(
+            q, None, None, k_cache, v_cache, _tables(dec), dec.ctx_lens, meta.scale
+        )
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     keys, values = meta.workspace.gather(k_cache, v_cache, dec.block_ids)
@@ -222,6 +236,11 @@ def _decode_attention(
         queries, keys, values, attn_mask=dec.mask, scale=meta.scale
     )  # (num_seqs, num_kv_heads, group, head_dim)
     return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _tables(dec: DecodeGroup) -> torch.Tensor:
+    """A group's block tables as (num_seqs, max_blocks)."""
+    return dec.block_ids.view(dec.num_seqs, -1)
 
 
 def _prefill_attention(
@@ -273,12 +292,14 @@ def build_attention_metadata(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     decode_group_tokens: int = 4096,
+    native_decode: DecodeAttentionFn | None = None,
 ) -> AttentionMetadata:
     """Metadata for a flat batch whose chunks come in `spans` order, single-token ones first.
 
     Masks are additive (0 / -inf) in the model dtype, built once here rather than converted
     from booleans inside every layer's attention call. A decode group gathers at most
-    `decode_group_tokens` padded context tokens (always at least one sequence).
+    `decode_group_tokens` padded context tokens (always at least one sequence); with
+    `native_decode` all decode tokens form one group and need no mask.
     """
     num_decode = 0
     while num_decode < len(spans) and spans[num_decode].num_tokens == 1:
@@ -296,7 +317,11 @@ def build_attention_metadata(
     )
     slot_blocks = torch.from_numpy(blocks.astype(np.int64)).to(device)
     slot_offsets = torch.from_numpy(pos % block_size).to(device)
-    decode = _decode_groups(spans[:num_decode], block_size, decode_group_tokens, device, dtype)
+    if native_decode is not None:
+        decode_group_tokens = -1  # one group: the kernel reads in place, nothing to keep small
+    decode = _decode_groups(
+        spans[:num_decode], block_size, decode_group_tokens, device, dtype, native_decode is None
+    )
     prefills: list[PrefillSeq] = []
     token_start = num_decode
     for span in spans[num_decode:]:
@@ -310,6 +335,7 @@ def build_attention_metadata(
         prefills=tuple(prefills),
         scale=head_dim**-0.5,
         workspace=workspace,
+        native_decode=native_decode,
     )
 
 
@@ -335,8 +361,10 @@ def _decode_groups(
     max_tokens: int,
     device: torch.device,
     dtype: torch.dtype,
+    with_masks: bool,
 ) -> tuple[DecodeGroup, ...]:
-    """Split consecutive decode spans into groups of at most max_tokens padded context."""
+    """Split consecutive decode spans into groups of at most max_tokens padded context
+    (max_tokens < 0: one group)."""
     counts = [_num_ctx_blocks(s, block_size) for s in spans]
     groups: list[DecodeGroup] = []
     start = 0
@@ -344,10 +372,12 @@ def _decode_groups(
         end, widest = start + 1, counts[start]
         while end < len(spans):
             wider = max(widest, counts[end])
-            if (end + 1 - start) * wider * block_size > max_tokens:
+            if 0 <= max_tokens < (end + 1 - start) * wider * block_size:
                 break
             end, widest = end + 1, wider
-        groups.append(_decode_group(spans, counts, start, end, block_size, device, dtype))
+        groups.append(
+            _decode_group(spans, counts, start, end, block_size, device, dtype, with_masks)
+        )
         start = end
     return tuple(groups)
 
@@ -360,16 +390,23 @@ def _decode_group(
     block_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    with_mask: bool,
 ) -> DecodeGroup:
     width = max(counts[start:end])
     table = [spans[i].block_ids[: counts[i]] + [0] * (width - counts[i]) for i in range(start, end)]
-    ctx_lens = torch.tensor([s.start_pos + 1 for s in spans[start:end]], device=device)
-    visible = torch.arange(width * block_size, device=device)[None, :] < ctx_lens[:, None]
+    ctx_lens = torch.tensor(
+        [s.start_pos + 1 for s in spans[start:end]], dtype=torch.int64, device=device
+    )
+    mask = None
+    if with_mask:
+        visible = torch.arange(width * block_size, device=device)[None, :] < ctx_lens[:, None]
+        mask = _additive(visible, dtype)[:, None, None, :]
     return DecodeGroup(
         token_start=start,
         num_seqs=end - start,
         block_ids=torch.tensor(table, dtype=torch.int64, device=device).view(-1),
-        mask=_additive(visible, dtype)[:, None, None, :],
+        ctx_lens=ctx_lens,
+        mask=mask,
     )
 
 

@@ -17,6 +17,7 @@ import torch
 
 from kvrelay.engine.batch import ScheduledChunk, StepBatch
 from kvrelay.engine.models.config import LoadedModel, ModelArchConfig
+from kvrelay.engine.models.cpu_kernels import native_decode_attention
 from kvrelay.engine.models.llama import LlamaModel
 from kvrelay.engine.runner.attention import (
     DECODE_GROUP_BYTES,
@@ -92,6 +93,8 @@ class ModelRunner:
         self._workspace = GatherWorkspace()
         token_bytes = 2 * arch.num_kv_heads * arch.head_dim * self.kv_cache.data.element_size()
         self._decode_group_tokens = max(block_size, DECODE_GROUP_BYTES // token_bytes)
+        native = self.device.type == "cpu" and self.dtype == torch.float32
+        self._native_decode = native_decode_attention() if native else None
         self.sampler = Sampler(self.device)
         logger.info(
             "model runner: %s, %d layers, %d KV blocks of %d tokens (%.1f MiB), %s on %s",
@@ -199,7 +202,7 @@ class ModelRunner:
         spans = [SeqSpan(c.start_pos, len(c.token_ids), c.block_ids) for c in ordered]
         meta = build_attention_metadata(
             spans, self.block_size, self.arch.head_dim, self._workspace, self.device, self.dtype,
-            self._decode_group_tokens,
+            self._decode_group_tokens, self._native_decode,
         )  # fmt: skip
         input_ids = torch.tensor(
             [t for c in ordered for t in c.token_ids], dtype=torch.int64, device=self.device

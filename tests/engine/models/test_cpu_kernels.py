@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvrelay.engine.models import cpu_linear
-from kvrelay.engine.models.cpu_linear import MAX_ROWS, load_kernel, native_linear
+from kvrelay.engine.models import cpu_kernels
+from kvrelay.engine.models.cpu_kernels import MAX_ROWS, load_library, native_linear
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
@@ -24,12 +24,12 @@ needs_compiler = pytest.mark.skipif(
 def fresh_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Each test builds into its own cache (and forgets the process-wide loaded kernel)."""
     monkeypatch.setenv("KVRELAY_CACHE_DIR", str(tmp_path))
-    load_kernel.cache_clear()
+    load_library.cache_clear()
     yield tmp_path / "kernels"
-    load_kernel.cache_clear()
+    load_library.cache_clear()
 
 
-def _calls(log: list[int]) -> cpu_linear.LinearFn:
+def _calls(log: list[int]) -> cpu_kernels.LinearFn:
     def fallback(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         log.append(x.shape[0])
         return F.linear(x, w, b)
@@ -70,19 +70,19 @@ def test_non_contiguous_input_and_many_rows() -> None:
 
 @needs_compiler
 def test_built_once_per_cache(fresh_kernel: Path) -> None:
-    assert load_kernel() is not None
+    assert load_library() is not None
     built = list(fresh_kernel.iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # no temporary files left behind
     mtime = built[0].stat().st_mtime_ns
-    load_kernel.cache_clear()
-    assert load_kernel() is not None
+    load_library.cache_clear()
+    assert load_library() is not None
     assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVRELAY_CPU_KERNELS", "0")
     fallback = _calls([])
-    assert load_kernel() is None
+    assert load_library() is None
     assert native_linear(fallback) is fallback
 
 
@@ -91,6 +91,6 @@ def test_broken_compiler_falls_back(
 ) -> None:
     monkeypatch.setenv("CC", "false")  # exits 1 without output
     with caplog.at_level(logging.WARNING):
-        assert load_kernel() is None
-    assert "could not build the CPU linear kernel" in caplog.text
+        assert load_library() is None
+    assert "could not build kvrelay's CPU kernels" in caplog.text
     assert not fresh_kernel.exists() or list(fresh_kernel.iterdir()) == []
