@@ -5,8 +5,11 @@ the kvrelay cache, loading it with ctypes, and the torch-facing wrappers: `nativ
 sends inputs of at most `MAX_ROWS` rows to the few-row linear and everything else to the
 fallback linear (batch-1 decoding is bound by reading the weights; this kernel streams them
 at the machine's read bandwidth, where oneDNN and MKL reach about 60-75 % of it on SmolLM2's
-shapes); `native_decode_attention` attends single-token queries to their paged context in
-place, without gathering it (used by engine/runner/attention.py).
+shapes); `NativeLayerHalves` runs a decoder layer's two halves around attention (norms,
+projections, RoPE, SwiGLU, residuals) in one call each, for the same few-token inputs,
+instead of ~30 small torch ops whose dispatch costs more than their arithmetic;
+`native_decode_attention` attends single-token queries to their paged context in place,
+without gathering it (used by engine/runner/attention.py).
 
 The built library is keyed by the source, the flags and the host CPU's feature flags, written
 atomically (several workers may build at once), and shares torch's OpenMP runtime (same
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from kvrelay.config import cpu_kernels_enabled, kernel_cache_dir
+from kvrelay.engine.models.config import ModelArchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +106,20 @@ def load_library() -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("could not build kvrelay's CPU kernels (%s): using torch's", detail)
         return None
-    lib.kvrelay_linear_f32.argtypes = [_PTR] * 4 + [_I64] * 3
+    lib.kvrelay_linear_f32.argtypes = [_PTR] * 4 + [_I64] * 3 + [ctypes.c_int]
     lib.kvrelay_linear_f32.restype = None
-    lib.kvrelay_decode_attention_f32.argtypes = [_PTR] * 8 + [_I64] * 6 + [ctypes.c_float]
+    lib.kvrelay_decode_attention_f32.argtypes = (
+        [_PTR] * 8 + [_I64] * 6 + [ctypes.c_float, ctypes.c_int]
+    )
     lib.kvrelay_decode_attention_f32.restype = ctypes.c_int
+    lib.kvrelay_pre_attention_f32.argtypes = (
+        [_PTR] * 8 + [_I64] * 5 + [ctypes.c_float, ctypes.c_int]
+    )
+    lib.kvrelay_pre_attention_f32.restype = None
+    lib.kvrelay_post_attention_f32.argtypes = (
+        [_PTR] * 9 + [_I64] * 4 + [ctypes.c_float, ctypes.c_int]
+    )
+    lib.kvrelay_post_attention_f32.restype = None
     return lib
 
 
@@ -124,11 +138,80 @@ def native_linear(fallback: LinearFn) -> LinearFn:
             return fallback(x, w, b)
         x = x.contiguous()
         y = torch.empty(rows, w.shape[0], dtype=x.dtype)
-        bias = None if b is None else b.data_ptr()
-        kernel(w.data_ptr(), x.data_ptr(), bias, y.data_ptr(), rows, w.shape[0], w.shape[1])
+        kernel(
+            w.data_ptr(), x.data_ptr(), _ptr(b), y.data_ptr(), rows, w.shape[0], w.shape[1],
+            torch.get_num_threads(),
+        )  # fmt: skip
         return y
 
     return linear
+
+
+class NativeLayerHalves:
+    """A decoder layer before and after attention, for inputs of at most MAX_ROWS tokens,
+    float32 on CPU, weights contiguous (the model's fused projections are). Equal to the
+    torch path up to float32 rounding (tests/engine/models/test_llama.py)."""
+
+    def __init__(self, lib: ctypes.CDLL, arch: ModelArchConfig) -> None:
+        self._pre, self._post = lib.kvrelay_pre_attention_f32, lib.kvrelay_post_attention_f32
+        self._arch = arch
+        self._width = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+
+    def pre_attention(
+        self,
+        x: torch.Tensor,
+        norm: torch.Tensor,
+        qkv_w: torch.Tensor,
+        qkv_b: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """qkv (rows, (num_heads + 2 num_kv_heads) * head_dim), RoPE applied to q and k.
+        x: (rows, hidden); cos, sin: (rows, 1, head_dim), sin sign-folded (LlamaModel)."""
+        a, rows = self._arch, x.shape[0]
+        h = torch.empty_like(x)
+        qkv = torch.empty(rows, self._width, dtype=x.dtype)
+        self._pre(
+            x.data_ptr(), norm.data_ptr(), qkv_w.data_ptr(), _ptr(qkv_b),
+            cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), h.data_ptr(),
+            qkv.data_ptr(), rows, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+            a.rms_norm_eps, torch.get_num_threads(),
+        )  # fmt: skip
+        return qkv
+
+    def post_attention(
+        self,
+        x: torch.Tensor,
+        attn: torch.Tensor,
+        o_w: torch.Tensor,
+        o_b: torch.Tensor | None,
+        norm: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+    ) -> torch.Tensor:
+        """x + o-projection, then + the SwiGLU MLP of its norm: x (rows, hidden) is updated
+        in place and returned. attn: (rows, num_heads * head_dim)."""
+        a, rows = self._arch, x.shape[0]
+        h = torch.empty_like(x)
+        scratch = torch.empty(rows, 2 * a.intermediate_size, dtype=x.dtype)
+        attn = attn.contiguous()
+        self._post(
+            x.data_ptr(), attn.data_ptr(), o_w.data_ptr(), _ptr(o_b), norm.data_ptr(),
+            gate_up.data_ptr(), down.data_ptr(), h.data_ptr(), scratch.data_ptr(), rows,
+            a.hidden_size, attn.shape[1], a.intermediate_size, a.rms_norm_eps,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return x
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def native_layer_halves(arch: ModelArchConfig) -> NativeLayerHalves | None:
+    """The fused layer halves for `arch`, or None when the kernels are unavailable."""
+    lib = load_library()
+    return None if lib is None else NativeLayerHalves(lib, arch)
 
 
 def native_decode_attention() -> DecodeAttentionFn | None:
@@ -169,6 +252,7 @@ def native_decode_attention() -> DecodeAttentionFn | None:
             q.data_ptr(), new_k, new_v, k_cache.data_ptr(), v_cache.data_ptr(),
             block_tables.data_ptr(), ctx_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads,
             num_kv_heads, head_dim, block_size, block_tables.shape[1], scale,
+            torch.get_num_threads(),
         )  # fmt: skip
         if failed:
             raise MemoryError("decode attention could not allocate its score buffer")

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from kvrelay.engine.models.config import ModelArchConfig
-from kvrelay.engine.models.cpu_kernels import LinearFn, native_linear
+from kvrelay.engine.models.cpu_kernels import (
+    MAX_ROWS,
+    LinearFn,
+    NativeLayerHalves,
+    native_layer_halves,
+    native_linear,
+)
 from kvrelay.errors import CorruptModelError, ModelLoadError
 
 # Buffers some older checkpoints carry; recomputed here, so ignored when present.
@@ -128,6 +134,9 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(arch).to(self.device)  # float32, as transformers does
         self._norm_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
         self._linear = pick_linear(dtype, self.device)
+        self._halves: NativeLayerHalves | None = None  # compiled layer halves for decoding
+        if self.device.type == "cpu" and dtype == torch.float32:
+            self._halves = native_layer_halves(arch)
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin for `positions`, each (num_tokens, 1, head_dim).
@@ -170,14 +179,24 @@ class LlamaModel:
         arch = self.arch
         num_tokens, head_dim = x.shape[0], arch.head_dim
         q_dim, kv_dim = arch.num_heads * head_dim, arch.num_kv_heads * head_dim
-        h = self._rms_norm(x, layer.input_norm)
-        qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # (num_tokens, q_dim + 2 * kv_dim)
-        # (num_tokens, num_heads + num_kv_heads, head_dim)
-        qk = qkv[:, : q_dim + kv_dim].view(num_tokens, -1, head_dim)
-        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
-        q, k = qk[:, : arch.num_heads], qk[:, arch.num_heads :]
+        halves = self._halves if num_tokens <= MAX_ROWS else None
+        if halves is not None:  # decoding on CPU: one compiled call before, one after
+            qkv = halves.pre_attention(x, layer.input_norm, layer.qkv, layer.qkv_bias, cos, sin)
+            q = qkv[:, :q_dim].view(num_tokens, arch.num_heads, head_dim)
+            k = qkv[:, q_dim : q_dim + kv_dim].view(num_tokens, arch.num_kv_heads, head_dim)
+        else:
+            h = self._rms_norm(x, layer.input_norm)
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # (num_tokens, q_dim + 2 * kv_dim)
+            # (num_tokens, num_heads + num_kv_heads, head_dim)
+            qk = qkv[:, : q_dim + kv_dim].view(num_tokens, -1, head_dim)
+            qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
+            q, k = qk[:, : arch.num_heads], qk[:, arch.num_heads :]
         v = qkv[:, q_dim + kv_dim :].view(num_tokens, arch.num_kv_heads, head_dim)
         attn = attention(idx, q, k, v).reshape(num_tokens, q_dim)
+        if halves is not None:
+            return halves.post_attention(
+                x, attn, layer.o_proj, layer.o_bias, layer.post_norm, layer.gate_up, layer.down
+            )
         x = x + self._linear(attn, layer.o_proj, layer.o_bias)
         h = self._rms_norm(x, layer.post_norm)
         gate_up = self._linear(h, layer.gate_up, None)  # (num_tokens, 2 * intermediate)

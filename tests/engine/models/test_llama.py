@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kvrelay.engine.models.config import ModelArchConfig
+from kvrelay.engine.models.cpu_kernels import MAX_ROWS
 from kvrelay.engine.models.hf_loader import load_hf_dir
 from kvrelay.engine.models.llama import LlamaModel, rope_inv_freq
 from kvrelay.errors import CorruptModelError, ModelLoadError
@@ -60,6 +61,24 @@ def test_float32_close_to_transformers(model_dirs: dict[str, Path], kind: str) -
     model = LlamaModel(loaded.arch, loaded.state_dict, torch.float32)
     ref = load_reference(model_dirs[kind], torch.float32)
     tokens = list(range(3, 60))
+    with torch.no_grad():
+        expected = ref(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(our_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_tokens", range(1, MAX_ROWS + 1))
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_layer_halves_close_to_transformers(
+    model_dirs: dict[str, Path], kind: str, num_tokens: int
+) -> None:
+    """Inputs of at most MAX_ROWS tokens take the compiled layer halves in float32 on CPU
+    (norms, projections with biases, RoPE, SwiGLU, residuals); same logits as transformers."""
+    loaded = load_hf_dir(model_dirs[kind], torch.float32)
+    model = LlamaModel(loaded.arch, loaded.state_dict, torch.float32)
+    if model._halves is None:
+        pytest.skip("kvrelay's CPU kernels could not be built here (no C compiler)")
+    ref = load_reference(model_dirs[kind], torch.float32)
+    tokens = [7, 300, 41][:num_tokens]
     with torch.no_grad():
         expected = ref(torch.tensor([tokens])).logits[0]
     torch.testing.assert_close(our_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
