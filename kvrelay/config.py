@@ -29,7 +29,7 @@ def kernel_cache_dir() -> Path:
 
 
 def cpu_kernels_enabled() -> bool:
-    """KVRELAY_CPU_KERNELS=0 turns off kvrelay's compiled CPU kernels (oneDNN is used)."""
+    """KVRELAY_CPU_KERNELS=0 turns off kvrelay's compiled CPU kernels (torch's are used)."""
     return os.environ.get("KVRELAY_CPU_KERNELS", "1") != "0"
 
 

@@ -191,11 +191,7 @@ class EngineLoop:
             self._apply_commands(block=not self.engine.has_unfinished())
             if self.engine.has_unfinished():
                 self._step()
-            batch = self.engine.take_kv_events()
-            if batch is not None:
-                self._last_kv_event_id = batch.event_id
-                if self._on_kv_events is not None:
-                    self._call_soon(self._on_kv_events, batch)
+            self._emit_kv_events()  # those of commands: aborts, imports, resets
             self._refresh_stats()
         for request_id in list(self._outputs):
             self._finish_with_error(request_id, WireError(kind="draining", message="stopped"))
@@ -308,6 +304,9 @@ class EngineLoop:
             self._exports.clear()
             return
         self._num_steps += 1
+        # Events before outputs: a client that sends its next turn as soon as this answer
+        # arrives must find the router already knowing the blocks this step cached.
+        self._emit_kv_events()
         self._dispatch_exports()
         for out in outputs:
             target = self._outputs.get(out.request_id)
@@ -316,6 +315,13 @@ class EngineLoop:
             if out.finished:
                 del self._outputs[out.request_id]
             self._call_soon(target.put_nowait, out)
+
+    def _emit_kv_events(self) -> None:
+        batch = self.engine.take_kv_events()
+        if batch is not None:
+            self._last_kv_event_id = batch.event_id
+            if self._on_kv_events is not None:
+                self._call_soon(self._on_kv_events, batch)
 
     def _finish_with_error(self, request_id: str, error: WireError) -> None:
         target = self._outputs.pop(request_id, None)

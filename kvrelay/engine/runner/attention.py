@@ -195,6 +195,8 @@ def paged_attention(
         )
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
+    if len(meta.decode) == 1 and not meta.prefills:
+        return _decode_attention(q, k_cache, v_cache, meta.decode[0], meta)
     out = torch.empty_like(q)
     for group in meta.decode:
         rows = slice(group.token_start, group.token_start + group.num_seqs)
