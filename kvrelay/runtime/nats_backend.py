@@ -141,8 +141,19 @@ class NatsRuntime(Runtime):
         sub = _NatsSubscription()
         sub.sub = await self.nc.subscribe(pattern, cb=sub.on_msg)
         self._subs.append(sub)
-        await self.nc.flush()  # the server has the subscription before we return
+        await self._synced()  # the server has the subscription before we return
         return sub
+
+    async def _synced(self) -> None:
+        """Return once the server has processed everything this connection sent so far.
+
+        nats-py writes a flush's PING straight to the socket, ahead of commands still queued
+        for its flusher task (a SUB just made), so one flush can return before the server
+        has the subscription: a caller right after then got "no responders" (2 in 1000
+        here). By the first PONG the flusher has written the SUB; the second PING follows it.
+        """
+        await self.nc.flush()
+        await self.nc.flush()
 
     # -- request plane ---------------------------------------------------------------------
     async def serve(self, service_id: str, handler: Handler) -> str:
@@ -166,7 +177,7 @@ class NatsRuntime(Runtime):
                 task.add_done_callback(lambda _t: self._calls.pop(frame.call_id, None))
 
         await self.nc.subscribe(address, cb=on_msg)
-        await self.nc.flush()  # callers may call as soon as the address is registered
+        await self._synced()  # callers may call as soon as the address is registered
         logger.info("%s serving calls on NATS subject %s", service_id, address)
         return address
 

@@ -212,3 +212,18 @@ async def test_embedded_runtime_reports_a_lost_hub() -> None:
 async def test_embedded_runtime_without_a_hub() -> None:
     with pytest.raises(PeerUnavailableError):
         await make_runtime("embedded://127.0.0.1:9").start()
+
+
+async def test_a_service_is_callable_as_soon_as_serve_returns(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """nats-py can answer a flush before the server has a just-made subscription (its PING
+    overtakes the queued SUB); that race failed ~2 in 1000 calls made right after serve()."""
+
+    async def handler(endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+        yield payload
+
+    async with runtimes(backend, request) as (server, client):
+        for i in range(2000):
+            address = await server.serve(f"svc{i}", handler)
+            assert await call_once(client, address, "echo", b"x") == b"x"
