@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kvrelay.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
 from kvrelay.errors import KvRelayError
@@ -26,6 +27,7 @@ from kvrelay.worker.engine_loop import EngineLike
 from kvrelay.worker.service import WorkerIdentity, WorkerService
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +93,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     from kvrelay.engine.core import EngineCore  # torch: only in processes that run a model
 
     try:
-        engine = EngineCore(engine_config(args))
+        config = engine_config(args)
+        engine = in_passing_thread(lambda: EngineCore(config))
     except KvRelayError as exc:
         logger.error("cannot start the engine: %s", exc)
         return 2
@@ -120,6 +123,32 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         logger.error("worker stopped: %s", exc)
         return 1
     return 0
+
+
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """`fn()` in a thread that ends with it: its result, or its exception.
+
+    For loading the model. libgomp gives every thread that runs OpenMP work its own pool of
+    threads, and once a process has more of them than CPUs it cuts idle spinning to a few
+    microseconds, so the threads sleep between the matmuls of a step. The engine steps in its
+    own thread (`EngineLoop`); a load in the main thread left the main thread's pool alive
+    and the engine's throttled: batch-1 decode 57 vs 90 tok/s on 2 cores. A finished
+    thread's pool is released, so the engine thread stays the only OpenMP user.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="engine-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]
 
 
 async def _serve(
