@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvrelay.config import EngineConfig
+from kvrelay.engine.batch import ScheduledChunk, StepBatch
 from kvrelay.engine.kv_manager import KVCacheManager, KVImport, PrefixCacheStats
 from kvrelay.engine.models.config import LoadedModel
 from kvrelay.engine.models.loader import load_model
@@ -177,6 +178,25 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def warm_up(self) -> None:
+        """One dummy prefill step and one decode step through the runner, from the thread that
+        will step the engine, so the first request does not pay one-time costs (that thread's
+        OpenMP team, oneDNN primitives, first touch of scratch buffers: ~75 ms of a served
+        first request's prefill on 2 cores). Writes KV only into uncached free blocks: no
+        events, no stats, no cache entry. Does nothing once the engine holds any request or
+        cached block."""
+        pool, block_size = self.kv.pool, self.kv.block_size
+        num_tokens = min(2 * block_size, self.max_model_len - 1)
+        block_ids = list(range(num_tokens // block_size + 1))  # positions 0 .. num_tokens
+        busy = self.scheduler.has_unfinished() or pool.num_cached_blocks > 0
+        if busy or pool.num_free_blocks < pool.num_blocks or len(block_ids) > pool.num_blocks:
+            return
+        greedy = SamplingParams(max_tokens=1, temperature=0.0)
+        for tokens, start in ((list(range(num_tokens)), 0), ([0], num_tokens)):
+            chunk = ScheduledChunk("warm-up", tokens, start, block_ids, True, greedy)
+            self.runner.execute(StepBatch([chunk]))
+        self.runner.sampler.drop(["warm-up"])
 
     def take_kv_events(self) -> KVEventBatch | None:
         return self.kv.take_events(time.time())

@@ -187,6 +187,12 @@ class EngineLoop:
 
     # -- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        warm_up = getattr(self.engine, "warm_up", None)
+        if warm_up is not None:
+            try:
+                warm_up()
+            except Exception:  # the first request pays the one-time costs instead
+                logger.exception("engine warm-up failed")
         while not self._stop.is_set():
             self._apply_commands(block=not self.engine.has_unfinished())
             if self.engine.has_unfinished():

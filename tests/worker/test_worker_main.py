@@ -14,12 +14,15 @@ from kvrelay.worker.main import in_passing_thread
 # A fresh interpreter: before, after a parallel torch op run through in_passing_thread, and
 # after the same op run in the main thread. libgomp keeps a thread's pool until it ends.
 _SCRIPT = """
-import os, torch
+import os, time, torch
 from kvrelay.worker.main import in_passing_thread
 torch.set_num_threads(2)
 count = lambda: len(os.listdir("/proc/self/task"))
 before = count()
 in_passing_thread(lambda: torch.ones(1 << 22).sum().item())
+deadline = time.monotonic() + 5  # the pool's threads exit after the loading thread
+while count() > before and time.monotonic() < deadline:
+    time.sleep(0.01)
 passing = count()
 torch.ones(1 << 22).sum().item()
 print(before, passing, count())
