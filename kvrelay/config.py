@@ -6,6 +6,7 @@ Layer L0: imports only `errors`.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def weight_cache_dir() -> Path:
 def kernel_cache_dir() -> Path:
     """Where CPU kernels compiled for this host are kept: inside the weight cache."""
     return weight_cache_dir() / "kernels"
+
+
+def c_compiler() -> str | None:
+    """The C compiler for kvrelay's CPU kernels: $CC, else `cc` or `gcc` on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def cpu_kernels_enabled() -> bool:

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from kvrelay.config import cpu_kernels_enabled, kernel_cache_dir
+from kvrelay.config import c_compiler, cpu_kernels_enabled, kernel_cache_dir
 from kvrelay.engine.models.config import ModelArchConfig
 
 logger = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ def load_library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None when disabled or they cannot be built."""
     if not cpu_kernels_enabled():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         logger.info("no C compiler found: CPU decoding uses torch's kernels only")
         return None

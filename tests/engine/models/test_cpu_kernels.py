@@ -4,7 +4,6 @@ missing or broken compiler falls back to the library linear instead of failing."
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvrelay.config import c_compiler
 from kvrelay.engine.models import cpu_kernels
 from kvrelay.engine.models.cpu_kernels import MAX_ROWS, load_library, native_linear
 
-needs_compiler = pytest.mark.skipif(
-    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
-)
+needs_compiler = pytest.mark.skipif(c_compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(autouse=True)
