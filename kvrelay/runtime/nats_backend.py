@@ -5,8 +5,10 @@ Owns: `NatsRuntime`. A served service subscribes to `kvrelay.rpc.<service_id>.<n
 address); a call publishes a `Call` there with a private inbox as reply subject and reads
 Data / KeepAlive / End / Fail frames from the inbox (the Call goes as a NATS request whose
 reply is an Accept, so a missing server is known at once). Leaving a call early publishes
-a `Cancel` to the address. The only module that imports `nats` (nats-py). Imports L0 and
-runtime.base/frames.
+a `Cancel` to the address; a caller that dies without one is found by the server's probes
+(a KeepAlive sent to the inbox as a request each KEEPALIVE_INTERVAL_S: NATS answers "no
+responders" once the inbox is gone, and the call is cancelled). The only module that imports
+`nats` (nats-py). Imports L0 and runtime.base/frames.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kvrelay.errors import PeerUnavailableError, TransportError
 from kvrelay.runtime.base import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
+    KEEPALIVE_INTERVAL_S,
     Handler,
     Message,
     Runtime,
@@ -37,6 +40,7 @@ from kvrelay.runtime.frames import (
     Accept,
     Call,
     Cancel,
+    KeepAlive,
     decode_call,
     decode_stream,
     encode,
@@ -57,6 +61,9 @@ class _NatsSubscription(Subscription):
 
     async def on_msg(self, msg: NatsMsg) -> None:
         self.queue.put_nowait(Message(msg.subject, msg.data))
+        if msg.reply:  # a server's probe: answering tells it this caller is still here
+            with contextlib.suppress(Exception):
+                await msg.respond(b"")
 
     async def next(self) -> Message:
         msg = await self.queue.get()
@@ -185,7 +192,28 @@ class NatsRuntime(Runtime):
         async def send(frame: msgspec.Struct) -> None:
             await self.publish(call.reply_to, encode(frame))
 
-        await pump_call(handler(call.endpoint, call.payload), send)
+        pump = asyncio.create_task(pump_call(handler(call.endpoint, call.payload), send))
+        probe = asyncio.create_task(self._probe_caller(call.reply_to, pump))
+        try:
+            await pump
+        finally:
+            probe.cancel()
+            pump.cancel()  # no-op once done; on a Cancel frame it stops the handler
+
+    async def _probe_caller(self, inbox: str, pump: asyncio.Task[None]) -> None:
+        """Cancel `pump` once the caller's inbox is gone (its process died or it dropped the
+        call without a Cancel), so the handler's cleanup runs (abort, free KV blocks) instead
+        of generating for nobody until max_tokens. Slow or failed probes change nothing."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_INTERVAL_S)
+            try:
+                await self.nc.request(inbox, encode(KeepAlive()), timeout=10 * KEEPALIVE_INTERVAL_S)
+            except nats.errors.NoRespondersError:
+                logger.info("caller of a call on %s is gone: cancelling the call", inbox)
+                pump.cancel()
+                return
+            except (nats.errors.Error, TimeoutError, PeerUnavailableError):
+                continue
 
     async def call(
         self,

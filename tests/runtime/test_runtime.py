@@ -16,6 +16,7 @@ from kvrelay.runtime import Runtime, make_runtime
 from kvrelay.runtime.base import call_once, subject_matches
 from kvrelay.runtime.discovery import DiscoveryWatcher, Registrar
 from kvrelay.runtime.embedded import EmbeddedHub
+from kvrelay.runtime.nats_backend import NatsRuntime
 from tests.nats_server import find_nats_server, running_nats_server
 
 pytestmark = pytest.mark.anyio
@@ -136,6 +137,31 @@ async def test_closing_a_call_cancels_the_handler(
         assert await stream.__anext__() == b"0"
         await stream.aclose()
         await asyncio.wait_for(cleaned.wait(), 3)
+
+
+async def test_a_nats_caller_that_vanishes_cancels_the_handler(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Over NATS the caller's connection dies mid-stream without a Cancel (a frontend killed
+    with -9): the server's probes find its inbox gone and the handler's cleanup runs. (With
+    the embedded backend the call's own TCP connection closes with the caller.)"""
+    cleaned = asyncio.Event()
+
+    async def handler(endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+        try:
+            for i in range(100_000):
+                yield str(i).encode()
+                await asyncio.sleep(0.01)
+        finally:
+            cleaned.set()
+
+    async with runtimes("nats", request) as (server, client):
+        address = await server.serve("svc", handler)
+        stream = client.call(address, "count", b"")
+        assert await stream.__anext__() == b"0"
+        assert isinstance(client, NatsRuntime)
+        await client.nc.close()  # no Cancel goes out
+        await asyncio.wait_for(cleaned.wait(), 5)
 
 
 async def test_slow_handler_is_kept_alive(backend: str, request: pytest.FixtureRequest) -> None:
