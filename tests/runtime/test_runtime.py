@@ -13,7 +13,7 @@ import pytest
 from kvrelay.errors import PeerUnavailableError, RemoteError
 from kvrelay.protocol import WorkerInfo
 from kvrelay.runtime import Runtime, make_runtime
-from kvrelay.runtime.base import call_once, subject_matches
+from kvrelay.runtime.base import Handler, call_once, subject_matches
 from kvrelay.runtime.discovery import DiscoveryWatcher, Registrar
 from kvrelay.runtime.embedded import EmbeddedHub
 from kvrelay.runtime.nats_backend import NatsRuntime
@@ -118,21 +118,26 @@ async def test_streaming_call_and_errors(backend: str, request: pytest.FixtureRe
                 pass
 
 
-async def test_closing_a_call_cancels_the_handler(
-    backend: str, request: pytest.FixtureRequest
-) -> None:
-    cleaned = asyncio.Event()
+def counter(cleaned: asyncio.Event) -> Handler:
+    """A handler that streams a count for ~1000 s and sets `cleaned` when it is closed."""
 
     async def handler(endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
         try:
-            for i in range(1000):
+            for i in range(100_000):
                 yield str(i).encode()
                 await asyncio.sleep(0.01)
         finally:
             cleaned.set()
 
+    return handler
+
+
+async def test_closing_a_call_cancels_the_handler(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    cleaned = asyncio.Event()
     async with runtimes(backend, request) as (server, client):
-        address = await server.serve("svc", handler)
+        address = await server.serve("svc", counter(cleaned))
         stream = client.call(address, "count", b"")
         assert await stream.__anext__() == b"0"
         await stream.aclose()
@@ -146,17 +151,8 @@ async def test_a_nats_caller_that_vanishes_cancels_the_handler(
     with -9): the server's probes find its inbox gone and the handler's cleanup runs. (With
     the embedded backend the call's own TCP connection closes with the caller.)"""
     cleaned = asyncio.Event()
-
-    async def handler(endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
-        try:
-            for i in range(100_000):
-                yield str(i).encode()
-                await asyncio.sleep(0.01)
-        finally:
-            cleaned.set()
-
     async with runtimes("nats", request) as (server, client):
-        address = await server.serve("svc", handler)
+        address = await server.serve("svc", counter(cleaned))
         stream = client.call(address, "count", b"")
         assert await stream.__anext__() == b"0"
         assert isinstance(client, NatsRuntime)
