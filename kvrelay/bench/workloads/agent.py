@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kvrelay.bench.workloads.base import (
     CHARS_PER_TOKEN,
@@ -27,7 +26,13 @@ from kvrelay.bench.workloads.base import (
     exp_pause,
     session_rng,
 )
-from kvrelay.bench.workloads.corpus import CodeCorpus, SourceFile, cut, function_names
+from kvrelay.bench.workloads.corpus import (
+    CodeCorpus,
+    CorpusWorkload,
+    SourceFile,
+    cut,
+    function_names,
+)
 
 NAME = "agent"
 
@@ -70,7 +75,7 @@ class AgentOptions:
     max_tokens: int = 96
 
 
-class AgentWorkload:
+class AgentWorkload(CorpusWorkload[AgentOptions]):
     """Infinite stream of agent runs, fixed by `seed` and the corpus."""
 
     name = NAME
@@ -78,17 +83,7 @@ class AgentWorkload:
     def __init__(
         self, options: AgentOptions | None = None, seed: int = 0, corpus: CodeCorpus | None = None
     ) -> None:
-        self.options = options or AgentOptions()
-        self.seed = seed
-        self.corpus = corpus if corpus is not None else CodeCorpus.from_option(self.options.corpus)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": NAME,
-            "seed": self.seed,
-            "corpus": str(self.corpus.root),
-            **asdict(self.options),
-        }
+        super().__init__(options or AgentOptions(), seed, corpus)
 
     def repositories(self) -> list[str]:
         rng = random.Random(f"{NAME}:{self.seed}:repos")

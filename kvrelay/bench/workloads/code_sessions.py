@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from kvrelay.bench.workloads.base import (
     CHARS_PER_TOKEN,
@@ -26,7 +25,14 @@ from kvrelay.bench.workloads.base import (
     exp_pause,
     session_rng,
 )
-from kvrelay.bench.workloads.corpus import CodeCorpus, SourceFile, cut, function_names, render_file
+from kvrelay.bench.workloads.corpus import (
+    CodeCorpus,
+    CorpusWorkload,
+    SourceFile,
+    cut,
+    function_names,
+    render_file,
+)
 
 NAME = "code-sessions"
 
@@ -76,7 +82,7 @@ class CodeSessionsOptions:
     max_tokens: int = 128  # output tokens requested per turn
 
 
-class CodeSessionsWorkload:
+class CodeSessionsWorkload(CorpusWorkload[CodeSessionsOptions]):
     """Infinite stream of coding sessions, fixed by `seed` and the corpus."""
 
     name = NAME
@@ -87,18 +93,8 @@ class CodeSessionsWorkload:
         seed: int = 0,
         corpus: CodeCorpus | None = None,
     ) -> None:
-        self.options = options or CodeSessionsOptions()
-        self.seed = seed
-        self.corpus = corpus if corpus is not None else CodeCorpus.from_option(self.options.corpus)
+        super().__init__(options or CodeSessionsOptions(), seed, corpus)
         self._contexts: dict[str, list[SourceFile]] = {}
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": NAME,
-            "seed": self.seed,
-            "corpus": str(self.corpus.root),
-            **asdict(self.options),
-        }
 
     def repositories(self) -> list[str]:
         """The repositories sessions are drawn from, fixed by the seed."""

@@ -2,7 +2,9 @@
 
 Owns: `CodeCorpus` (source files grouped into "repositories" = directories, listed in a stable
 order, read lazily), the default corpus (this Python's standard library), and small text
-helpers the generators share (function names of a file, a file cut to a character budget).
+helpers the generators share (function names of a file, a file cut to a character budget),
+and `CorpusWorkload`, the base of the generators that quote it (options, seed, corpus and
+their description).
 Must not import anything from kvrelay outside `kvrelay.bench.workloads` and `errors`.
 """
 
@@ -13,9 +15,10 @@ import os
 import random
 import re
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from kvrelay.errors import InvalidRequestError
 
@@ -146,3 +149,35 @@ def render_file(source: SourceFile) -> str:
     lang = Path(source.rel_path).suffix.lstrip(".") or "text"
     body = source.text if source.text.endswith("\n") else source.text + "\n"
     return f"### {source.rel_path}\n```{lang}\n{body}```\n"
+
+
+class CorpusOptions(Protocol):
+    """What `CorpusWorkload` needs of a generator's options: a dataclass with `corpus`."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def corpus(self) -> str | None: ...
+
+
+CorpusOptionsT = TypeVar("CorpusOptionsT", bound=CorpusOptions)
+
+
+class CorpusWorkload(Generic[CorpusOptionsT]):
+    """A generator over a code corpus: its options, its seed and the corpus (the one given,
+    else the options' directory, else this Python's standard library)."""
+
+    name: str
+
+    def __init__(self, options: CorpusOptionsT, seed: int, corpus: CodeCorpus | None) -> None:
+        self.options = options
+        self.seed = seed
+        self.corpus = corpus if corpus is not None else CodeCorpus.from_option(options.corpus)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "corpus": str(self.corpus.root),
+            **asdict(self.options),
+        }

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from kvrelay.bench.workloads.base import (
     CHARS_PER_TOKEN,
@@ -28,7 +27,7 @@ from kvrelay.bench.workloads.base import (
     exp_pause,
     session_rng,
 )
-from kvrelay.bench.workloads.corpus import CodeCorpus, SourceFile, cut
+from kvrelay.bench.workloads.corpus import CodeCorpus, CorpusWorkload, SourceFile, cut
 
 NAME = "fim"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
@@ -49,7 +48,7 @@ class FimOptions:
     max_tokens: int = 32
 
 
-class FimWorkload:
+class FimWorkload(CorpusWorkload[FimOptions]):
     """Infinite stream of file-editing sessions, fixed by `seed` and the corpus."""
 
     name = NAME
@@ -57,18 +56,8 @@ class FimWorkload:
     def __init__(
         self, options: FimOptions | None = None, seed: int = 0, corpus: CodeCorpus | None = None
     ) -> None:
-        self.options = options or FimOptions()
-        self.seed = seed
-        self.corpus = corpus if corpus is not None else CodeCorpus.from_option(self.options.corpus)
+        super().__init__(options or FimOptions(), seed, corpus)
         self._contexts: dict[str, str] = {}
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": NAME,
-            "seed": self.seed,
-            "corpus": str(self.corpus.root),
-            **asdict(self.options),
-        }
 
     def repositories(self) -> list[str]:
         rng = random.Random(f"{NAME}:{self.seed}:repos")
