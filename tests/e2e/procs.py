@@ -93,3 +93,31 @@ def wait_ready(base_url: str, timeout_s: float = START_TIMEOUT_S, workers: int =
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@contextlib.contextmanager
+def nats_deployment(
+    nats_url: str,
+    model: Path,
+    logs: Path,
+    workers: Sequence[tuple[str, Sequence[str]]],
+    frontend_args: Sequence[str] = (),
+) -> Iterator[tuple[str, Proc]]:
+    """Workers (worker id, extra flags) and a frontend as separate processes over the NATS
+    server at `nats_url`; yields the frontend's base URL, once every worker is routable, and
+    its process. Everything is stopped on exit."""
+    with contextlib.ExitStack() as stack:
+        for worker_id, extra in workers:
+            args = [
+                "-m", "kvrelay.worker", "--nats", nats_url, "--model", str(model),
+                "--worker-id", worker_id, "--threads", "1", *extra,
+            ]  # fmt: skip
+            stack.callback(Proc(args, logs / f"{worker_id}.log").stop)
+        frontend = Proc(
+            ["-m", "kvrelay.frontend.main", "--nats", nats_url, "--port", "0", *frontend_args],
+            logs / "frontend.log",
+        )
+        stack.callback(frontend.stop)
+        base = frontend.url("listening")
+        wait_ready(base, workers=len(workers))
+        yield base, frontend

@@ -5,7 +5,6 @@ discovery, blocks move over TCP, and greedy outputs equal the offline engine's."
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +13,11 @@ import httpx
 import pytest
 
 import kvrelay
-from tests.e2e.procs import Proc, wait_ready
+from tests.e2e.procs import nats_deployment
 from tests.nats_server import find_nats_server, running_nats_server
 
 MODEL = "tiny-llama"
+ROLES = ("prefill", "decode")
 
 
 @pytest.fixture(scope="module")
@@ -25,48 +25,12 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     if find_nats_server() is None:
         pytest.skip("nats-server binary not installed")
     logs = tmp_path_factory.mktemp("disagg-nats")
-    with running_nats_server() as nats_url, contextlib.ExitStack() as stack:
-        procs = [
-            Proc(
-                [
-                    "-m",
-                    "kvrelay.worker",
-                    "--nats",
-                    nats_url,
-                    "--model",
-                    str(tiny_model),
-                    "--role",
-                    role,
-                    "--worker-id",
-                    f"{role}-0",
-                    "--threads",
-                    "1",
-                    "--num-kv-blocks",
-                    "256",
-                ],
-                logs / f"{role}.log",
-            )
-            for role in ("prefill", "decode")
-        ]
-        frontend = Proc(
-            [
-                "-m",
-                "kvrelay.frontend.main",
-                "--nats",
-                nats_url,
-                "--port",
-                "0",
-                "--remote-prefill",
-                "always",
-                "--remote-prefill-timeout",
-                "10",
-            ],
-            logs / "frontend.log",
-        )
-        for proc in [*procs, frontend]:
-            stack.callback(proc.stop)
-        base = frontend.url("listening")
-        wait_ready(base, workers=2)
+    workers = [(f"{role}-0", ["--role", role, "--num-kv-blocks", "256"]) for role in ROLES]
+    remote = ["--remote-prefill", "always", "--remote-prefill-timeout", "10"]
+    with (
+        running_nats_server() as nats_url,
+        nats_deployment(nats_url, tiny_model, logs, workers, remote) as (base, _),
+    ):
         yield base
 
 

@@ -6,7 +6,6 @@ worker dropping out of discovery while the other keeps serving."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -18,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.procs import API_KEY, AUTH, Proc, wait_ready
+from tests.e2e.procs import API_KEY, AUTH, nats_deployment
 from tests.nats_server import find_nats_server, running_nats_server
 
 MODEL = "tiny-llama"
@@ -30,41 +29,12 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     if find_nats_server() is None:
         pytest.skip("nats-server binary not installed")
     logs = tmp_path_factory.mktemp("nats")
-    with running_nats_server() as nats_url, contextlib.ExitStack() as stack:
-        procs: list[Proc] = []
-        for i in range(2):
-            args = [
-                "-m",
-                "kvrelay.worker",
-                "--nats",
-                nats_url,
-                "--model",
-                str(tiny_model),
-                "--worker-id",
-                f"nats-{i}",
-                "--threads",
-                "1",
-                "--num-kv-blocks",
-                "128",
-            ]
-            procs.append(Proc(args, logs / f"worker{i}.log"))
-        frontend = Proc(
-            [
-                "-m",
-                "kvrelay.frontend.main",
-                "--nats",
-                nats_url,
-                "--port",
-                "0",
-                "--api-key",
-                API_KEY,
-            ],
-            logs / "frontend.log",
-        )
-        for proc in [*procs, frontend]:
-            stack.callback(proc.stop)
-        base = frontend.url("listening")
-        wait_ready(base, workers=2)
+    workers = [(f"nats-{i}", ["--num-kv-blocks", "128"]) for i in range(2)]
+    auth = ["--api-key", API_KEY]
+    with (
+        running_nats_server() as nats_url,
+        nats_deployment(nats_url, tiny_model, logs, workers, auth) as (base, frontend),
+    ):
         yield base
         assert frontend.stop() == 0, frontend.log()
 
