@@ -207,15 +207,25 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def native_layer_halves(arch: ModelArchConfig) -> NativeLayerHalves | None:
-    """The fused layer halves for `arch`, or None when the kernels are unavailable."""
-    lib = load_library()
+def _library_for(dtype: torch.dtype, device: torch.device) -> ctypes.CDLL | None:
+    """The kernels when they apply: float32 on CPU, and built."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    return load_library()
+
+
+def native_layer_halves(
+    arch: ModelArchConfig, dtype: torch.dtype, device: torch.device
+) -> NativeLayerHalves | None:
+    """The fused layer halves for `arch`, or None when the kernels do not apply or are
+    unavailable."""
+    lib = _library_for(dtype, device)
     return None if lib is None else NativeLayerHalves(lib, arch)
 
 
-def native_decode_attention() -> DecodeAttentionFn | None:
+def native_decode_attention(dtype: torch.dtype, device: torch.device) -> DecodeAttentionFn | None:
     """Attention of single-token queries read in place from the paged cache, or None when
-    the kernels are unavailable. float32 on CPU.
+    the kernels do not apply (float32 on CPU only) or are unavailable.
 
     q: (num_seqs, num_heads, head_dim); k_new, v_new: (num_seqs, num_kv_heads, head_dim),
     stored in the cache at position ctx_len - 1 first, or None when already stored; k_cache,
@@ -223,7 +233,7 @@ def native_decode_attention() -> DecodeAttentionFn | None:
     contiguous int64 (num_seqs, max_blocks); ctx_lens: contiguous int64 (num_seqs,), each
     including the new token. Returns (num_seqs, num_heads, head_dim).
     """
-    lib = load_library()
+    lib = _library_for(dtype, device)
     if lib is None:
         return None
     kernel = lib.kvrelay_decode_attention_f32

@@ -21,7 +21,6 @@ from kvrelay.engine.models.config import ModelArchConfig
 from kvrelay.engine.models.cpu_kernels import (
     MAX_ROWS,
     LinearFn,
-    NativeLayerHalves,
     native_layer_halves,
     native_linear,
 )
@@ -134,9 +133,8 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(arch).to(self.device)  # float32, as transformers does
         self._norm_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
         self._linear = pick_linear(dtype, self.device)
-        self._halves: NativeLayerHalves | None = None  # compiled layer halves for decoding
-        if self.device.type == "cpu" and dtype == torch.float32:
-            self._halves = native_layer_halves(arch)
+        # compiled layer halves for decoding on CPU
+        self._halves = native_layer_halves(arch, dtype, self.device)
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin for `positions`, each (num_tokens, 1, head_dim).

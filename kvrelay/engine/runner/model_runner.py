@@ -93,8 +93,7 @@ class ModelRunner:
         self._workspace = GatherWorkspace()
         token_bytes = 2 * arch.num_kv_heads * arch.head_dim * self.kv_cache.data.element_size()
         self._decode_group_tokens = max(block_size, DECODE_GROUP_BYTES // token_bytes)
-        native = self.device.type == "cpu" and self.dtype == torch.float32
-        self._native_decode = native_decode_attention() if native else None
+        self._native_decode = native_decode_attention(self.dtype, self.device)
         self.sampler = Sampler(self.device)
         logger.info(
             "model runner: %s, %d layers, %d KV blocks of %d tokens (%.1f MiB), %s on %s",

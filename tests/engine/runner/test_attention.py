@@ -41,7 +41,7 @@ MODES = [(4096, False), (16, False), (1, False), (4096, True)]
 def test_matches_dense_reference(seed: int, group_tokens: int, native: bool) -> None:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    native_decode = native_decode_attention() if native else None
+    native_decode = native_decode_attention(torch.float32, torch.device("cpu")) if native else None
     if native and native_decode is None:
         pytest.skip("kvrelay's CPU kernels could not be built here (no C compiler)")
     dtype = torch.float32 if native else torch.float64
@@ -109,7 +109,7 @@ def test_native_decode_matches_sdpa_on_model_shapes() -> None:
     """SmolLM2's head layout (9 query heads on 3 KV heads, head_dim 64), 16-token blocks,
     32 sequences with contexts up to 700 tokens: the kernel stores the new K/V and attends
     exactly like the index_put + gather + SDPA path."""
-    native_decode = native_decode_attention()
+    native_decode = native_decode_attention(torch.float32, torch.device("cpu"))
     if native_decode is None:
         pytest.skip("kvrelay's CPU kernels could not be built here (no C compiler)")
     heads, kv_heads, head_dim, block_size, num_blocks = 9, 3, 64, 16, 1500
